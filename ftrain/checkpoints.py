@@ -1,0 +1,374 @@
+"""The supervisor's view of a checkpoint folder: what is there, what can be trusted.
+
+The shim writes ``step-NNNNNNNN.pt`` and its manifest ``step-NNNNNNNN.json`` (DESIGN §4,
+names in ``ckptfmt``); a script without the shim leaves files of its own. ``scan`` lists
+both and gives each a ``CheckpointStatus``; ``newest_usable`` picks the one a restart
+would use; ``quarantine`` sets aside what a rollback distrusts. Nothing here imports torch,
+and nothing here raises on a foreign or unreadable file: it is listed with a note.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from ftrain import ckptfmt
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
+_DIGEST_CACHE_MAX = 4096
+
+
+class CheckpointStatus(str, enum.Enum):
+    """How far a checkpoint can be trusted.
+
+    ``ok``           the manifest's sha256 and size match the data file.
+    ``corrupt``      they do not (flipped bytes, a truncated file), the manifest cannot be
+                     read, or the data file cannot be read: never resumed from.
+    ``partial``      leftovers of an interrupted save: a ``.tmp-`` file, or a manifest
+                     whose data file is missing. Never resumed from.
+    ``unverified``   a checkpoint-like file (``.pt``, ``.pth``, ``.ckpt``, ``.bin``,
+                     ``.safetensors``) or folder with no manifest: usable, on trust.
+    ``quarantined``  set aside in ``quarantine/`` by a rollback; kept, never resumed from.
+
+    A save moves a step through partial → ok; ``quarantine`` moves ok, unverified,
+    corrupt or partial → quarantined.
+    """
+
+    OK = "ok"
+    CORRUPT = "corrupt"
+    PARTIAL = "partial"
+    UNVERIFIED = "unverified"
+    QUARANTINED = "quarantined"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def usable(self) -> bool:
+        """Whether a restart may resume from a checkpoint in this state."""
+        return self in (CheckpointStatus.OK, CheckpointStatus.UNVERIFIED)
+
+
+_STATUS_ORDER = {s: i for i, s in enumerate((CheckpointStatus.OK, CheckpointStatus.UNVERIFIED,
+                                               CheckpointStatus.CORRUPT, CheckpointStatus.PARTIAL,
+                                               CheckpointStatus.QUARANTINED))}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint (or leftover) found in a folder.
+
+    ``path`` is the data file (the manifest itself for a manifest without data, the folder
+    for a folder checkpoint); ``manifest`` its manifest, if any. ``attempt``, ``t``,
+    ``metrics`` and ``sha256`` come from the manifest (``t`` is the file's mtime when there
+    is none). ``note`` says in words why the status is what it is, when that is not obvious.
+    """
+
+    path: Path
+    step: int | None
+    status: CheckpointStatus
+    bytes: int = 0
+    attempt: int | None = None
+    t: float | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    sha256: str | None = None
+    manifest: Path | None = None
+    note: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The object ``ftrain inspect --json`` prints for this checkpoint (DESIGN §4)."""
+        return {
+            "path": str(self.path),
+            "step": self.step,
+            "status": self.status.value,
+            "bytes": self.bytes,
+            "attempt": self.attempt,
+            "t": self.t,
+            "metrics": dict(self.metrics),
+            "sha256": self.sha256,
+            "manifest": str(self.manifest) if self.manifest else None,
+            "note": self.note,
+        }
+
+
+# (path, size, mtime_ns, inode) -> sha256 hex: a file that changed in any of these is rehashed.
+_digests: dict[tuple[str, int, int, int], str] = {}
+
+
+def scan(directory: str | os.PathLike[str], *, verify: bool = True) -> list[Checkpoint]:
+    """Every checkpoint and leftover in ``directory`` and its ``quarantine/``, by step
+    (those without a step last). A missing folder is an empty list.
+
+    ``verify`` hashes each data file that has a manifest (results are cached by path, size
+    and mtime, so a repeated scan is cheap); without it only sizes are compared.
+    """
+    root = Path(directory)
+    found = _scan_live(root, verify=verify) + _scan_quarantine(root / ckptfmt.QUARANTINE_DIR)
+    return sorted(found, key=_order)
+
+
+def newest_usable(checkpoints: Iterable[Checkpoint], *, max_step: int | None = None) -> Checkpoint | None:
+    """The newest ``ok`` or ``unverified`` checkpoint with a step <= ``max_step``; an ``ok``
+    one wins a tie. Never a corrupt, partial or quarantined one."""
+    usable = [c for c in checkpoints
+              if c.status.usable and c.step is not None and (max_step is None or c.step <= max_step)]
+    return max(usable, key=lambda c: (c.step, c.status is CheckpointStatus.OK), default=None)
+
+
+def quarantine(directory: str | os.PathLike[str], *, after_step: int) -> list[Path]:
+    """Move every checkpoint with a step > ``after_step`` (data, manifest, leftovers) into
+    ``<directory>/quarantine/``, by atomic renames; returns the new paths.
+
+    The data file moves before its manifest, so an interruption leaves a manifest without
+    data (partial, never resumed from) rather than data without a manifest (unverified).
+    A name already taken in the quarantine gets a ``.q1``, ``.q2`` … suffix.
+    """
+    root = Path(directory)
+    doomed = [c for c in _scan_live(root, verify=False) if c.step is not None and c.step > after_step]
+    if not doomed:
+        return []
+    qdir = root / ckptfmt.QUARANTINE_DIR
+    qdir.mkdir(exist_ok=True)
+    moved: list[Path] = []
+    for ckpt in sorted(doomed, key=_order):
+        sources = [p for p in (ckpt.path, ckpt.manifest) if p is not None]
+        suffix = _free_suffix(qdir, [p.name for p in sources])
+        for src in sources:
+            dst = qdir / (src.name + suffix)
+            os.rename(src, dst)
+            moved.append(dst)
+    _fsync_dir(qdir)
+    _fsync_dir(root)
+    return moved
+
+
+# --------------------------------------------------------------------------- scanning
+def _scan_live(root: Path, *, verify: bool) -> list[Checkpoint]:
+    entries = _list(root)
+    found: list[Checkpoint] = []
+    for name, entry in entries.items():
+        if name == ckptfmt.QUARANTINE_DIR:
+            continue
+        step = ckptfmt.parse_step(name)
+        if ckptfmt.TEMP_RE.match(name):
+            found.append(_leftover(entry, step, "temporary file of an interrupted save"))
+            continue
+        if name.startswith("."):
+            continue
+        own = ckptfmt.STEP_RE.match(name)
+        if own is not None and own.group(2) == "json":
+            if _data_name(name) not in entries:
+                found.append(_leftover(entry, step, "manifest without its data file"))
+            continue
+        if own is not None:
+            manifest = _manifest_name(name)
+            if manifest in entries:
+                found.append(_verified(Path(entry.path), Path(entries[manifest].path), step, verify=verify))
+            else:
+                found.append(_unverified(entry, step, "no manifest"))
+            continue
+        foreign = _foreign(entry, CheckpointStatus.UNVERIFIED)
+        if foreign is not None:
+            found.append(foreign)
+    return found
+
+
+def _scan_quarantine(qdir: Path) -> list[Checkpoint]:
+    entries = _list(qdir)
+    found: list[Checkpoint] = []
+    for name, entry in entries.items():
+        base, suffix = _split_suffix(name)
+        own = ckptfmt.STEP_RE.match(base)
+        if own is not None and own.group(2) == "json" and _data_name(base) + suffix in entries:
+            continue   # listed with its data file
+        if own is not None or ckptfmt.TEMP_RE.match(base):
+            manifest_key = _manifest_name(base) + suffix if own is not None and own.group(2) == "pt" else None
+            manifest = Path(entries[manifest_key].path) if manifest_key in entries else None
+            meta = _read_manifest(manifest)[0] if manifest is not None else {}
+            size, mtime = _size_and_mtime(entry)
+            found.append(Checkpoint(Path(entry.path), ckptfmt.parse_step(base), CheckpointStatus.QUARANTINED,
+                                    bytes=size, manifest=manifest, **_meta_fields(meta, default_t=mtime)))
+            continue
+        foreign = _foreign(entry, CheckpointStatus.QUARANTINED)
+        if foreign is not None:
+            found.append(foreign)
+    return found
+
+
+def _verified(data: Path, manifest: Path, step: int | None, *, verify: bool) -> Checkpoint:
+    """A data file with a manifest: ok when size and sha256 match, else corrupt."""
+    meta, problem = _read_manifest(manifest)
+
+    def result(status: CheckpointStatus, size: int, note: str | None = None) -> Checkpoint:
+        return Checkpoint(data, step, status, bytes=size, manifest=manifest, note=note,
+                          **_meta_fields(meta, default_t=None))
+
+    try:
+        stat = os.stat(data)
+    except OSError as exc:
+        return result(CheckpointStatus.CORRUPT, 0, f"cannot read the data file: {exc.strerror}")
+    if problem is not None:
+        return result(CheckpointStatus.CORRUPT, stat.st_size, problem)
+    expected_size, expected_sha = meta.get("bytes"), meta.get("sha256")
+    if meta.get("step") != step:
+        return result(CheckpointStatus.CORRUPT, stat.st_size,
+                      f"the manifest is of step {meta.get('step')!r}, the file name says {step}")
+    if stat.st_size != expected_size:
+        return result(CheckpointStatus.CORRUPT, stat.st_size,
+                      f"{stat.st_size} bytes, the manifest says {expected_size!r}")
+    if not verify:
+        return result(CheckpointStatus.OK, stat.st_size, "size matches; checksum not verified")
+    try:
+        digest = _sha256(data, stat)
+    except OSError as exc:
+        return result(CheckpointStatus.CORRUPT, stat.st_size, f"cannot read the data file: {exc.strerror}")
+    if digest != expected_sha:
+        return result(CheckpointStatus.CORRUPT, stat.st_size, "sha256 does not match the manifest")
+    return result(CheckpointStatus.OK, stat.st_size)
+
+
+def _read_manifest(path: Path) -> tuple[dict[str, Any], str | None]:
+    """The manifest's fields, and a problem in words if it cannot be trusted."""
+    try:
+        meta = json.loads(path.read_bytes())
+    except OSError as exc:
+        return {}, f"cannot read the manifest: {exc.strerror}"
+    except ValueError as exc:
+        return {}, f"the manifest is not JSON: {exc}"
+    if not isinstance(meta, dict):
+        return {}, "the manifest is not a JSON object"
+    if not isinstance(meta.get("bytes"), int) or not isinstance(meta.get("sha256"), str):
+        return meta, "the manifest lacks bytes or sha256"
+    return meta, None
+
+
+def _meta_fields(meta: dict[str, Any], *, default_t: float | None) -> dict[str, Any]:
+    attempt, t, metrics, sha = meta.get("attempt"), meta.get("t"), meta.get("metrics"), meta.get("sha256")
+    return {
+        "attempt": attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else None,
+        "t": float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) else default_t,
+        "metrics": dict(metrics) if isinstance(metrics, dict) else {},
+        "sha256": sha if isinstance(sha, str) else None,
+    }
+
+
+def _unverified(entry: os.DirEntry[str], step: int | None, note: str | None) -> Checkpoint:
+    size, mtime = _size_and_mtime(entry)
+    if size < 0:
+        return Checkpoint(Path(entry.path), step, CheckpointStatus.CORRUPT, note="cannot read the file")
+    return Checkpoint(Path(entry.path), step, CheckpointStatus.UNVERIFIED, bytes=size, t=mtime, note=note)
+
+
+def _leftover(entry: os.DirEntry[str], step: int | None, note: str) -> Checkpoint:
+    size, mtime = _size_and_mtime(entry)
+    return Checkpoint(Path(entry.path), step, CheckpointStatus.PARTIAL, bytes=max(size, 0), t=mtime, note=note)
+
+
+def _foreign(entry: os.DirEntry[str], status: CheckpointStatus) -> Checkpoint | None:
+    """A checkpoint another tool wrote (a known suffix, or a folder); None for other files."""
+    try:
+        is_dir = entry.is_dir()
+    except OSError:
+        is_dir = False
+    if entry.name.startswith(".") or not (is_dir or entry.name.endswith(CHECKPOINT_SUFFIXES)):
+        return None
+    step = ckptfmt.guess_step(entry.name)
+    if status is CheckpointStatus.UNVERIFIED:
+        return _unverified(entry, step, "no manifest")
+    size, mtime = _size_and_mtime(entry)
+    return Checkpoint(Path(entry.path), step, status, bytes=max(size, 0), t=mtime)
+
+
+def _size_and_mtime(entry: os.DirEntry[str]) -> tuple[int, float | None]:
+    """Size (a folder's: the sum of its files) and mtime; (-1, None) when it cannot be read."""
+    try:
+        stat = entry.stat()
+        if not entry.is_dir():
+            return stat.st_size, stat.st_mtime
+    except OSError:
+        return -1, None
+    total = 0
+    for folder, _, files in os.walk(entry.path):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(folder, name)).st_size
+            except OSError:
+                pass
+    return total, stat.st_mtime
+
+
+def _sha256(path: Path, stat: os.stat_result) -> str:
+    key = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    digest = _digests.get(key)
+    if digest is None:
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest() if hasattr(hashlib, "file_digest") \
+                else _sha256_stream(f)
+        if len(_digests) >= _DIGEST_CACHE_MAX:
+            del _digests[next(iter(_digests))]
+        _digests[key] = digest
+    return digest
+
+
+def _sha256_stream(f: Any) -> str:
+    h = hashlib.sha256()
+    buffer = bytearray(1 << 20)
+    view = memoryview(buffer)
+    while n := f.readinto(buffer):
+        h.update(view[:n])
+    return h.hexdigest()
+
+
+def _list(folder: Path) -> dict[str, os.DirEntry[str]]:
+    try:
+        with os.scandir(folder) as it:
+            return {entry.name: entry for entry in it}
+    except OSError:
+        return {}   # missing, not a folder, or unreadable: nothing to list
+
+
+def _order(c: Checkpoint) -> tuple[bool, int, int, str]:
+    return (c.step is None, c.step or 0, _STATUS_ORDER[c.status], c.path.name)
+
+
+def _data_name(manifest_name: str) -> str:
+    return manifest_name[: -len(ckptfmt.MANIFEST_SUFFIX)] + ckptfmt.DATA_SUFFIX
+
+
+def _manifest_name(data_name: str) -> str:
+    return data_name[: -len(ckptfmt.DATA_SUFFIX)] + ckptfmt.MANIFEST_SUFFIX
+
+
+def _split_suffix(name: str) -> tuple[str, str]:
+    """``step-00000120.pt.q2`` → (``step-00000120.pt``, ``.q2``); names without one → (name, "")."""
+    base, dot, tail = name.rpartition(".")
+    if dot and tail.startswith("q") and tail[1:].isdigit():
+        return base, "." + tail
+    return name, ""
+
+
+def _free_suffix(qdir: Path, names: list[str]) -> str:
+    """"" when none of ``names`` is taken in the quarantine, else the first free ``.qN``."""
+    suffix, n = "", 0
+    while any(os.path.lexists(qdir / (name + suffix)) for name in names):
+        n += 1
+        suffix = f".q{n}"
+    return suffix
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

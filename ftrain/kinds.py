@@ -1,0 +1,70 @@
+"""The values that cross module boundaries: failure kinds and the failure record.
+
+A ``Failure`` is what ``classify`` makes of an ended attempt (or what ``watch`` makes of an
+anomaly); ``policy.decide`` turns it into a ``Decision``. Both are plain frozen values, so
+the decision logic is tested without spawning anything.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class FailureKind(str, enum.Enum):
+    """Why an attempt ended. Exactly one per ended attempt; the strings are public (DESIGN §5)."""
+
+    CUDA_OOM = "cuda_oom"
+    HOST_OOM = "host_oom"
+    CUDA_ERROR = "cuda_error"
+    NCCL_ERROR = "nccl_error"
+    SEGFAULT = "segfault"
+    ABORTED = "aborted"
+    KILLED = "killed"
+    PREEMPTED = "preempted"
+    HANG = "hang"
+    NONFINITE = "nonfinite"
+    THRESHOLD = "threshold"
+    SPIKE = "spike"
+    EXCEPTION = "exception"
+    NO_PROGRESS = "no_progress"
+    EXIT_NONZERO = "exit_nonzero"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def is_anomaly(self) -> bool:
+        """Kinds found in the metrics stream rather than in how the process ended."""
+        return self in ANOMALY_KINDS
+
+
+ANOMALY_KINDS = frozenset(
+    {FailureKind.NONFINITE, FailureKind.THRESHOLD, FailureKind.SPIKE, FailureKind.HANG}
+)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One ended attempt, classified.
+
+    ``exit_code`` is the child's return code as ``subprocess`` reports it (negative for a
+    death by signal) or None if unknown; ``signal`` the signal name (``"SIGSEGV"``) when it
+    died by one; ``step`` the last step seen in the metrics; ``evidence`` the lines that
+    proved the kind, most telling first.
+    """
+
+    kind: FailureKind
+    exit_code: int | None = None
+    signal: str | None = None
+    step: int | None = None
+    evidence: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "kind": self.kind.value,
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "step": self.step,
+            "evidence": list(self.evidence),
+        }

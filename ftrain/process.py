@@ -1,0 +1,336 @@
+"""The process layer: start an attempt, pump its output, signal it, stop it, reap it.
+
+It knows nothing of policies. A ``Child`` runs in a session of its own; its stdout and
+stderr go to the attempt's ``output.log``, to an optional live sink, and into a bounded
+in-memory tail for the classifier (a child that prints gigabytes does not grow us).
+Stopping is TERM → grace → KILL to the whole group *and* to every descendant seen,
+including those that started a session of their own (torchrun's ranks); nothing of an
+attempt outlives it.
+
+    spawn() ──► running ──(exit)──────────────────────────► ended (returncode, reaped)
+                   └──stop(): [USR1 dump] → TERM → grace → KILL ──┘
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import selectors
+import signal
+import subprocess
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import psutil
+
+TAIL_BYTES = 256 * 1024
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _prctl = _libc.prctl
+except (OSError, AttributeError):  # not Linux
+    _prctl = None
+
+_subreaper = False  # set by become_subreaper(); then orphans of an attempt are our children
+OutputSink = Callable[[bytes, bool], None]  # (data, is_stderr)
+
+
+def become_subreaper() -> bool:
+    """Adopt orphaned descendants (Linux), so a grandchild whose parent died is still ours
+    to find and stop. Returns whether it took effect."""
+    global _subreaper
+    if _prctl is None:
+        return False
+    _subreaper = _prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    return _subreaper
+
+
+def _child_setup(parent: int) -> Callable[[], None] | None:
+    """Runs in the child between fork and exec: die (politely) with the supervisor."""
+    if _prctl is None:
+        return None
+    prctl = _prctl
+
+    def setup() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the supervisor died before prctl took effect
+            os._exit(143)
+
+    return setup
+
+
+@dataclass(frozen=True)
+class Exit:
+    """How an attempt's process ended: ``returncode`` as subprocess reports it."""
+
+    returncode: int
+    pid: int
+    stopped_by_us: bool
+    killed_after_grace: bool
+    strays_killed: int
+
+    @property
+    def signal_name(self) -> str | None:
+        if self.returncode < 0:
+            try:
+                return signal.Signals(-self.returncode).name
+            except ValueError:
+                return f"SIG{-self.returncode}"
+        return None
+
+
+class Child:
+    """One running attempt. Call ``pump()`` from the supervisor's loop until it returns False."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str],
+        cwd: Path | None,
+        log_path: Path,
+        sink: OutputSink | None = None,
+        line_hook: Callable[[str], None] | None = None,
+    ) -> None:
+        self._log = open(log_path, "ab", buffering=0)
+        self._sink = sink
+        self._line_hook = line_hook
+        self._partial = b""
+        self._tail: deque[bytes] = deque()
+        self._tail_size = 0
+        self.started = time.time()
+        try:
+            self.proc = subprocess.Popen(
+                list(argv), env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                start_new_session=True, preexec_fn=_child_setup(os.getpid()),
+            )
+        except OSError:
+            self._log.close()
+            raise
+        self.pid = self.proc.pid
+        self._known: dict[int, float] = {}
+        self._last_scan = 0.0
+        self._sel = selectors.DefaultSelector()
+        for stream, is_err in ((self.proc.stdout, False), (self.proc.stderr, True)):
+            assert stream is not None
+            os.set_blocking(stream.fileno(), False)
+            self._sel.register(stream.fileno(), selectors.EVENT_READ, is_err)
+        self._open_fds = 2
+        self.returncode: int | None = None
+
+    # ------------------------------------------------------------------ output
+    def pump(self, timeout: float) -> bool:
+        """Move output for up to ``timeout`` seconds; False once the child has exited and its
+        pipes are drained (or held open only by strays, which ``finish`` will stop)."""
+        if self._open_fds:
+            for key, _ in self._sel.select(timeout):
+                self._read(key.fd, key.data)
+        else:
+            time.sleep(timeout)
+        now = time.monotonic()
+        if now - self._last_scan > 0.5:
+            self._scan_descendants()
+            self._last_scan = now
+        if self.returncode is None:
+            self.returncode = self.proc.poll()
+            if self.returncode is None and not self._open_fds:
+                try:
+                    self.returncode = self.proc.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    pass
+        if self.returncode is not None and self._open_fds:
+            self._drain(deadline=time.monotonic() + 0.05)
+        return self.returncode is None
+
+    def _read(self, fd: int, is_err: bool) -> bool:
+        try:
+            data = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return True
+        except OSError:
+            data = b""
+        if not data:
+            self._sel.unregister(fd)
+            self._open_fds -= 1
+            return False
+        self._log.write(data)
+        if self._sink is not None:
+            self._sink(data, is_err)
+        self._tail.append(data)
+        self._tail_size += len(data)
+        while self._tail_size > TAIL_BYTES and len(self._tail) > 1:
+            self._tail_size -= len(self._tail.popleft())
+        if self._line_hook is not None:
+            self._feed_lines(data)
+        return True
+
+    def _feed_lines(self, data: bytes) -> None:
+        assert self._line_hook is not None
+        buf = self._partial + data
+        *lines, self._partial = buf.split(b"\n")
+        if len(self._partial) > TAIL_BYTES:
+            self._partial = b""
+        for line in lines:
+            self._line_hook(line.decode("utf-8", "replace").rstrip("\r"))
+
+    def _drain(self, deadline: float) -> None:
+        while self._open_fds and time.monotonic() < deadline:
+            events = self._sel.select(max(0.0, deadline - time.monotonic()))
+            if not events:
+                break
+            for key, _ in events:
+                self._read(key.fd, key.data)
+
+    def tail_lines(self, limit: int = 400) -> list[str]:
+        """The last lines of combined output, decoded, for the classifier."""
+        text = b"".join(self._tail).decode("utf-8", "replace")
+        lines = [line.rstrip("\r") for line in text.splitlines()]
+        return lines[-limit:]
+
+    # ------------------------------------------------------------------ signals
+    def _scan_descendants(self) -> None:
+        """Remember every descendant (pid, create time), so one that leaves the group or
+        the tree (``setsid``, reparenting) can still be found and stopped."""
+        try:
+            for p in psutil.Process(self.pid).children(recursive=True):
+                try:
+                    self._known.setdefault(p.pid, p.create_time())
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            pass
+
+    def _members(self) -> list[psutil.Process]:
+        """Every live process of this attempt we can name."""
+        found: dict[int, psutil.Process] = {}
+        for pid, created in self._known.items():
+            try:
+                p = psutil.Process(pid)
+                if abs(p.create_time() - created) < 0.01 and p.status() != psutil.STATUS_ZOMBIE:
+                    found[pid] = p
+            except psutil.Error:
+                pass
+        try:
+            for p in psutil.Process(self.pid).children(recursive=True):
+                found.setdefault(p.pid, p)
+        except psutil.Error:
+            pass
+        if _subreaper:  # orphans of the attempt were adopted by us; we run one attempt at a time
+            try:
+                for p in psutil.Process().children(recursive=True):
+                    if p.pid != self.pid and p.status() != psutil.STATUS_ZOMBIE:
+                        found.setdefault(p.pid, p)
+            except psutil.Error:
+                pass
+        return list(found.values())
+
+    def signal(self, sig: int, *, group: bool = True) -> None:
+        """Send ``sig`` to the leader, or to its process group and every known descendant."""
+        if self.returncode is None:
+            try:
+                if group:
+                    os.killpg(self.pid, sig)
+                else:
+                    os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+        if group:
+            self._scan_descendants()
+            for p in self._members():
+                try:
+                    p.send_signal(sig)
+                except psutil.Error:
+                    pass
+
+    def stop(self, grace: float, *, dump_stacks: bool = False, cooperative: bool = True) -> None:
+        """Ask the child to stop, then make sure it does: [USR1 →] TERM → grace → KILL.
+
+        ``cooperative``: TERM goes to the leader only first, so the shim's ``should_stop()``
+        turns true and the script can save and leave; its workers are not shot mid-batch.
+        """
+        if self.returncode is None and dump_stacks:
+            self.signal(signal.SIGUSR1, group=False)
+            self._wait(0.5)
+        if self.returncode is None:
+            self.signal(signal.SIGTERM, group=not cooperative)
+        self._wait(grace)
+        self._killed_after_grace = self.returncode is None
+        if self.returncode is None:
+            self.signal(signal.SIGKILL)
+            self._wait(5.0)
+
+    def _wait(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while self.returncode is None and time.monotonic() < deadline:
+            self.pump(min(0.02, max(0.0, deadline - time.monotonic())))
+
+    def finish(self, *, stopped_by_us: bool = False) -> Exit:
+        """Reap the leader, kill whatever of the attempt is left, close everything."""
+        if self.returncode is None:
+            self.returncode = self.proc.wait()
+        self._drain(deadline=time.monotonic() + 0.05)
+        strays = self._kill_strays()
+        self._drain(deadline=time.monotonic() + 0.2)
+        for key in list(self._sel.get_map().values()):
+            self._sel.unregister(key.fd)
+        self._sel.close()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+        if self._partial and self._line_hook is not None:
+            self._line_hook(self._partial.decode("utf-8", "replace"))
+            self._partial = b""
+        self._log.close()
+        return Exit(self.returncode, self.pid, stopped_by_us,
+                    getattr(self, "_killed_after_grace", False), strays)
+
+    def _kill_strays(self) -> int:
+        """SIGKILL every remaining process of the attempt and reap what is ours."""
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        members = self._members()
+        for p in members:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(members, timeout=5.0)
+        return len(members)
+
+
+def stop_leftover(pid: int, started_by: float, grace: float = 10.0) -> bool:
+    """Stop a process tree left running by a supervisor that died (found by pid in the
+    journal), unless the pid now belongs to a process born after ``started_by``.
+    TERM to the tree, ``grace``, KILL. True if there was one to stop."""
+    try:
+        proc = psutil.Process(pid)
+        if proc.create_time() > started_by + 2.0:
+            return False
+        members = [proc] + proc.children(recursive=True)
+    except psutil.Error:
+        return False
+    for p in members:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(members, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5.0)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    return True

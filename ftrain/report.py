@@ -1,0 +1,324 @@
+"""``ftrain inspect``: a run's story (attempts, decisions, goodput) or a checkpoint folder.
+
+Everything is read from files — the journal, the metrics stream, the manifests — so it
+works on a live run, a finished one, or one copied off a cluster. An unreadable part is
+reported in a line and the rest is still shown.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from ftrain import checkpoints, ckptfmt
+from ftrain.errors import RunDirError
+from ftrain.journal import Event, read_journal
+
+
+@dataclass
+class AttemptRow:
+    """One attempt as the timeline shows it."""
+
+    attempt: int
+    start: float
+    end: float | None = None
+    first_step_t: float | None = None
+    first_step: int | None = None
+    last_step: int | None = None
+    steps: int = 0
+    resume_step: int | None = None
+    kind: str | None = None
+    exit_code: int | None = None
+    decision: str | None = None
+    reason: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    steps_lost: int = 0
+    kept_seconds: float = 0.0
+
+    @property
+    def duration(self) -> float | None:
+        return None if self.end is None else self.end - self.start
+
+    @property
+    def time_to_first_step(self) -> float | None:
+        return None if self.first_step_t is None else self.first_step_t - self.start
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "attempt": self.attempt, "start": self.start, "end": self.end, "duration": self.duration,
+            "time_to_first_step": self.time_to_first_step, "first_step": self.first_step,
+            "last_step": self.last_step, "steps": self.steps, "resume_step": self.resume_step,
+            "kind": self.kind, "exit_code": self.exit_code, "decision": self.decision, "reason": self.reason,
+            "overrides": self.overrides, "steps_lost": self.steps_lost,
+        }
+
+
+@dataclass
+class RunStory:
+    run_dir: Path
+    attempts: list[AttemptRow]
+    status: str
+    reason: str
+    wall: float
+    goodput: float | None
+    anomalies: list[dict[str, Any]]
+    problems: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"run_dir": str(self.run_dir), "status": self.status, "reason": self.reason, "wall": self.wall,
+                "goodput": self.goodput, "attempts": [a.to_json() for a in self.attempts],
+                "anomalies": self.anomalies, "problems": self.problems}
+
+
+def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """All metric records (control lines excluded) and how many lines were unreadable."""
+    records: list[dict[str, Any]] = []
+    bad = 0
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return records, 0
+    for raw in data.split(b"\n"):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            bad += 1
+            continue
+        if isinstance(rec, dict) and "ftrain" not in rec and isinstance(rec.get("step"), int):
+            records.append(rec)
+        elif not isinstance(rec, dict):
+            bad += 1
+    return records, bad
+
+
+def run_story(run_dir: Path) -> RunStory:
+    """Rebuild the attempts' timeline and the goodput from the journal and metrics."""
+    events = read_journal(run_dir / "journal.jsonl")
+    problems: list[str] = []
+    rows: dict[int, AttemptRow] = {}
+    anomalies: list[dict[str, Any]] = []
+    status, reason = "running", "no run_end in the journal (still running, or its supervisor died)"
+    start_t = next((e["t"] for e in events if e.get("event") == Event.RUN_START.value), None)
+    end_t: float | None = None
+    for ev in events:
+        name, n = ev.get("event"), ev.get("attempt")
+        if name == Event.ATTEMPT_START.value and isinstance(n, int):
+            rows[n] = AttemptRow(n, ev["t"], overrides=dict(ev.get("overrides") or {}))
+            rr = ev.get("resume_from")
+            rows[n].resume_step = ev.get("resume_step", ckptfmt.guess_step(Path(rr).name) if rr else None)
+        elif name == Event.ATTEMPT_END.value and n in rows:
+            row = rows[n]
+            row.end, row.kind, row.exit_code = ev["t"], ev.get("kind"), ev.get("exit_code")
+            row.first_step, row.last_step, row.steps = ev.get("first_step"), ev.get("last_step"), ev.get("steps", 0)
+            if ev.get("supervisor_lost"):
+                row.reason = "the supervisor died during this attempt"
+        elif name == Event.FAILURE.value and n in rows:
+            rows[n].kind = ev.get("kind")
+        elif name == Event.DECISION.value and n in rows:
+            rows[n].decision, rows[n].reason = ev.get("action"), ev.get("reason")
+        elif name == Event.ANOMALY.value:
+            anomalies.append({k: ev.get(k) for k in ("attempt", "kind", "step", "metric", "value", "reason", "action")})
+        elif name == Event.RUN_END.value:
+            status, reason, end_t = ev.get("status", "?"), ev.get("reason", ""), ev["t"]
+        elif name == Event.RUN_START.value and start_t is None:
+            start_t = ev["t"]
+    if start_t is None:
+        raise RunDirError(f"{run_dir}: the journal has no run_start")
+    ordered = [rows[k] for k in sorted(rows)]
+
+    records, bad = read_metrics(run_dir / "metrics.jsonl")
+    if bad:
+        problems.append(f"metrics.jsonl: {bad} unreadable line(s) skipped")
+    by_attempt: dict[int, list[dict[str, Any]]] = {}
+    for rec in records:
+        by_attempt.setdefault(int(rec.get("attempt", 0)), []).append(rec)
+    for row in ordered:
+        recs = by_attempt.get(row.attempt, [])
+        if recs:
+            row.first_step_t = recs[0]["t"]
+            row.first_step = recs[0]["step"] if row.first_step is None else row.first_step
+            row.last_step = recs[-1]["step"] if row.last_step is None else row.last_step
+            row.steps = row.steps or len(recs)
+
+    # A step is kept if no later attempt resumed from before it.
+    limit = math.inf
+    for row in reversed(ordered):
+        recs = by_attempt.get(row.attempt, [])
+        kept = [r for r in recs if r["step"] <= limit]
+        row.steps_lost = len(recs) - len(kept)
+        row.kept_seconds = _step_seconds(recs, kept)
+        resumed = row.resume_step if row.resume_step is not None else -1
+        limit = min(limit, resumed)
+    wall = (end_t or time.time()) - start_t
+    kept_total = sum(r.kept_seconds for r in ordered)
+    goodput = kept_total / wall if wall > 0 and records else None
+    return RunStory(run_dir, ordered, status, reason, wall, goodput, anomalies, problems)
+
+
+def _step_seconds(recs: Sequence[dict[str, Any]], kept: Sequence[dict[str, Any]]) -> float:
+    """Time spent on the kept steps: each step's interval since the previous line; the first
+    step of an attempt counts the attempt's median interval (its start-up is overhead)."""
+    if not kept:
+        return 0.0
+    intervals = {id(b): b["t"] - a["t"] for a, b in zip(recs, recs[1:])}
+    values = sorted(intervals.values())
+    median = values[len(values) // 2] if values else 0.0
+    return sum(max(0.0, intervals.get(id(r), median)) for r in kept)
+
+
+# --------------------------------------------------------------------------- rendering
+
+def _fmt_t(t: float | None) -> str:
+    return "-" if t is None else time.strftime("%H:%M:%S", time.localtime(t))
+
+
+def _fmt_s(s: float | None) -> str:
+    if s is None:
+        return "-"
+    return f"{s:.1f}s" if s < 120 else f"{s / 60:.1f}m"
+
+
+def _fmt_v(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def inspect_path(path: Path, *, as_json: bool, plot: Path | None) -> int:
+    """Entry point of ``ftrain inspect``: a run folder or a checkpoint folder."""
+    if not path.exists():
+        raise RunDirError(f"{path}: no such file or folder")
+    if (path / "journal.jsonl").exists():
+        story = run_story(path)
+        if plot is not None:
+            plot_run(path, plot)
+        if as_json:
+            print(json.dumps(story.to_json(), indent=2, default=str))
+        else:
+            print_story(story)
+        return 0
+    if plot is not None:
+        raise RunDirError(f"{path}: --plot needs a run folder (one with journal.jsonl)")
+    found = checkpoints.scan(path)
+    if as_json:
+        print(json.dumps([c.to_json() for c in found], indent=2, default=str))
+    else:
+        print_checkpoints(path, found)
+    return 0
+
+
+def print_story(story: RunStory) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"{story.run_dir}", title_justify="left")
+    for col in ("#", "start", "duration", "to 1st step", "steps", "lost", "from", "ended", "decision",
+                "overrides"):
+        table.add_column(col, justify="right" if col in ("#", "steps", "lost", "from") else "left")
+    for a in story.attempts:
+        reached = "-" if a.last_step is None else f"{a.first_step}→{a.last_step}"
+        over = ", ".join(f"{k}={_fmt_v(v)}" for k, v in a.overrides.items()) or "-"
+        table.add_row(str(a.attempt), _fmt_t(a.start), _fmt_s(a.duration), _fmt_s(a.time_to_first_step), reached,
+                      str(a.steps_lost), "-" if a.resume_step is None else str(a.resume_step),
+                      a.kind or ("ok" if a.end else "running"), a.decision or "-", over)
+    console.print(table)
+    for a in story.attempts:
+        if a.reason:
+            console.print(f"  attempt {a.attempt}: {a.reason}")
+    for an in story.anomalies:
+        console.print(f"  [yellow]anomaly[/] attempt {an['attempt']}: {an['reason']}"
+                      + (" (ignored)" if an.get("action") == "ignore" else ""))
+    color = {"succeeded": "green", "gave_up": "red", "stopped": "red"}.get(story.status, "yellow")
+    goodput = "-" if story.goodput is None else f"{story.goodput:.0%}"
+    console.print(f"status: [{color}]{story.status}[/] — {story.reason}")
+    console.print(f"wall time {_fmt_s(story.wall)}, goodput {goodput} (share of wall time spent on steps that were kept)")
+    for problem in story.problems:
+        console.print(f"[yellow]note:[/] {problem}")
+
+
+def print_checkpoints(path: Path, found: Sequence[checkpoints.Checkpoint]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    chosen = checkpoints.newest_usable(found)
+    best = getattr(checkpoints, "best_of", None)
+    table = Table(title=str(path), title_justify="left")
+    for col in ("", "step", "time", "size", "attempt", "metrics", "status", "file"):
+        table.add_column(col, justify="right" if col in ("step", "size", "attempt") else "left")
+    colors = {"ok": "green", "corrupt": "red", "partial": "red", "unverified": "yellow", "quarantined": "magenta"}
+    for c in found:
+        mark = "→" if chosen is not None and c.path == chosen.path else ""
+        metrics = ", ".join(f"{k}={_fmt_v(v)}" for k, v in list((c.metrics or {}).items())[:3]) or "-"
+        status = c.status.value
+        note = getattr(c, "note", None)
+        table.add_row(mark, "-" if c.step is None else str(c.step), _fmt_t(c.t), _size(c.bytes),
+                      "-" if c.attempt is None else str(c.attempt), metrics,
+                      f"[{colors.get(status, 'white')}]{status}[/]" + (f" ({note})" if note else ""),
+                      str(Path(c.path).relative_to(path)) if Path(c.path).is_relative_to(path) else str(c.path))
+    console.print(table)
+    if chosen is not None:
+        console.print(f"→ a restart would resume from {Path(chosen.path).name} (step {chosen.step})")
+    else:
+        console.print("no usable checkpoint: a restart would start from scratch")
+    del best
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def plot_run(run_dir: Path, out: Path, metrics: Iterable[str] | None = None) -> None:
+    """Watched metrics against step, one colour per attempt, restarts and anomalies marked."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RunDirError("--plot needs matplotlib: pip install 'ftrain[plot]'") from None
+    records, _ = read_metrics(run_dir / "metrics.jsonl")
+    story = run_story(run_dir)
+    names = list(metrics or [])
+    if not names:
+        seen: list[str] = []
+        for rec in records:
+            for k, v in rec.items():
+                if k not in ("step", "t", "attempt") and isinstance(v, (int, float)) and k not in seen:
+                    seen.append(k)
+        names = seen[:3]
+    if not names:
+        raise RunDirError(f"{run_dir}: no numeric metrics to plot")
+    fig, axes = plt.subplots(len(names), 1, figsize=(10, 2.8 * len(names)), sharex=True, squeeze=False)
+    for ax, name in zip(axes[:, 0], names):
+        for row in story.attempts:
+            pts = [(r["step"], r[name]) for r in records if r.get("attempt") == row.attempt
+                   and isinstance(r.get(name), (int, float))]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, [y if math.isfinite(y) else float("nan") for y in ys], lw=1, label=f"attempt {row.attempt}")
+            if row.kind and row.last_step is not None:
+                ax.axvline(row.last_step, color="red", ls="--", lw=0.8)
+                ax.annotate(row.kind, (row.last_step, 1), xycoords=("data", "axes fraction"), fontsize=7,
+                            rotation=90, va="top", ha="right", color="red")
+        for an in story.anomalies:
+            if an.get("step") is not None:
+                ax.axvline(an["step"], color="orange", ls=":", lw=1)
+        ax.set_ylabel(name)
+        ax.legend(fontsize=7, loc="upper right")
+    axes[-1, 0].set_xlabel("step")
+    fig.suptitle(f"{run_dir.name}: {story.status}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)

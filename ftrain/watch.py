@@ -1,0 +1,725 @@
+"""Read the metrics stream and find anomalies in it: non-finite values, bounds, spikes, hangs.
+
+Two halves, both cheap enough to run on every poll of the supervisor's loop:
+
+* ``Tailer`` follows ``metrics.jsonl`` as the shim appends to it and returns the complete
+  new records. A missing file, a partial last line, garbage, a truncated or replaced file are
+  counted in ``Tailer.stats`` and never raise.
+* ``Detectors`` turns records into at most one ``Anomaly`` each (``feed``) and watches the
+  time since the last record (``check_hang``). What it watches is a ``DetectSpec``, built by
+  ``policy`` from the ``detect:`` section (DESIGN §6).
+
+The hang clock of one attempt, and the silence allowed in each state::
+
+    start_attempt ─▶ STARTUP ──first step──▶ STEADY ──save_start──▶ SAVING
+                     startup                 timeout ◀──save_end──  max(startup, timeout)
+
+Any record of the current attempt is a heartbeat. A save stays SAVING until its
+``save_end``, even while steps go on (the shim can save in the background, and the next
+save waits for it without a line). The ``auto`` timeout is
+``max(floor, factor × the longest step interval seen in steady state)``, leaving out the
+interval before an attempt's first step and any interval that spans a save; until one
+interval is known the startup allowance still applies. The learnt interval carries over
+between attempts; the spike baselines and ``last_values`` do not (a restarted attempt may
+begin again from a high loss).
+
+This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import os
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ftrain.kinds import Failure, FailureKind
+
+__all__ = [
+    "Anomaly",
+    "DetectSpec",
+    "Detectors",
+    "HangSpec",
+    "NonfiniteSpec",
+    "SpikeSpec",
+    "TailStats",
+    "Tailer",
+    "ThresholdSpec",
+    "parse_duration",
+]
+
+Record = dict[str, Any]
+
+# ---------------------------------------------------------------------------------- durations
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*\Z")
+
+
+def parse_duration(text: str | int | float) -> float:
+    """Seconds from ``"500ms"``, ``"2s"``, ``"10m"``, ``"1h"`` or a plain number of seconds."""
+    if isinstance(text, bool):
+        raise ValueError(f"{text!r} is not a duration: use seconds or a number with ms, s, m or h")
+    if isinstance(text, (int, float)):
+        if not math.isfinite(text) or text < 0:
+            raise ValueError(f"{text!r} is not a duration: it must be a finite number of seconds, "
+                             "at least 0")
+        return float(text)
+    if not isinstance(text, str):
+        raise ValueError(f"{text!r} is not a duration: use seconds or a number with ms, s, m or h")
+    match = _DURATION.match(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration: use seconds or a number with ms, s, m or h "
+                         "(500ms, 2s, 10m, 1h)")
+    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
+# ---------------------------------------------------------------------------------- tailing
+
+CHUNK = 1 << 20          # bytes per read; also the granularity of the memory bound
+MAX_LINE = 1 << 20       # a line longer than this without a newline is dropped
+
+
+@dataclass
+class TailStats:
+    """What a ``Tailer`` has read and what it had to drop; reported, never fatal."""
+
+    records: int = 0      # records returned
+    garbage: int = 0      # lines that are not JSON
+    non_dict: int = 0     # JSON that is not an object
+    no_step: int = 0      # metric lines without an int "step"
+    oversized: int = 0    # lines over MAX_LINE, dropped
+    truncations: int = 0  # the file shrank: read again from its start
+    replaced: int = 0     # a new file took the path: read it from its start
+
+    def problems(self) -> dict[str, int]:
+        """The non-zero problem counters, for a journal line or a warning."""
+        return {k: v for k, v in vars(self).items() if k != "records" and v}
+
+
+class Tailer:
+    """Follows a growing JSON-lines file and returns its complete new records.
+
+    The file may not exist yet, may end in a partial line (kept until its newline arrives),
+    may hold garbage, and may be truncated or replaced (read again from its start). A call
+    with nothing new costs one ``os.stat``. Memory stays bounded by ``CHUNK + MAX_LINE``
+    plus the records returned. With ``start_at_end`` an existing file is followed from its
+    current end (a partial line there is skipped); a file that appears later is read whole.
+    """
+
+    def __init__(self, path: Path, *, start_at_end: bool = False, max_line: int = MAX_LINE) -> None:
+        self.path = Path(path)
+        self.stats = TailStats()
+        self._path = os.fspath(self.path)
+        self._max_line = max_line
+        self._fd: int | None = None
+        self._id: tuple[int, int] = (0, 0)
+        self._offset = 0
+        self._pending = b""
+        self._skip = False  # dropping the rest of a line, up to its newline
+        self._open(at_end=start_at_end)
+
+    # public --------------------------------------------------------------------------
+    def read_new(self) -> list[Record]:
+        """The complete records appended since the last call, in file order."""
+        try:
+            st = os.stat(self._path)
+        except OSError:
+            return self._drain() if self._fd is not None else []
+        if self._fd is None or (st.st_dev, st.st_ino) != self._id:
+            out = self._drain() if self._fd is not None else []
+            if self._fd is not None:
+                self.stats.replaced += 1
+            if self._open(at_end=False) and self._fd is not None:
+                out += self._read_to(os.fstat(self._fd).st_size)
+            return out
+        size = st.st_size
+        if size == self._offset:
+            return []
+        if size < self._offset:
+            self.stats.truncations += 1
+            self._offset, self._pending, self._skip = 0, b"", False
+        return self._read_to(size)
+
+    @property
+    def offset(self) -> int:
+        """Bytes of the current file consumed so far (a partial line included)."""
+        return self._offset
+
+    def close(self) -> None:
+        """Release the file descriptor; ``read_new`` reopens the file if called again."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    def __enter__(self) -> Tailer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            try:
+                self.close()
+            except OSError:
+                pass
+
+    # internals -----------------------------------------------------------------------
+    def _open(self, *, at_end: bool) -> bool:
+        self.close()
+        try:
+            fd = os.open(self._path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return False
+        st = os.fstat(fd)
+        self._fd, self._id = fd, (st.st_dev, st.st_ino)
+        self._offset, self._pending, self._skip = 0, b"", False
+        if at_end and st.st_size:
+            self._offset = st.st_size
+            self._skip = os.pread(fd, 1, st.st_size - 1) != b"\n"  # joined mid-line
+        return True
+
+    def _drain(self) -> list[Record]:
+        """What is left in the file we hold open (it was deleted or replaced)."""
+        assert self._fd is not None
+        try:
+            size = os.fstat(self._fd).st_size
+        except OSError:
+            return []
+        return self._read_to(size) if size > self._offset else []
+
+    def _read_to(self, size: int) -> list[Record]:
+        assert self._fd is not None
+        out: list[Record] = []
+        while self._offset < size:
+            data = os.pread(self._fd, min(CHUNK, size - self._offset), self._offset)
+            if not data:  # shrank under us; the next call sees the truncation
+                break
+            self._offset += len(data)
+            self._take(data, out)
+        self.stats.records += len(out)
+        return out
+
+    def _take(self, data: bytes, out: list[Record]) -> None:
+        if self._pending:
+            data, self._pending = self._pending + data, b""
+        if self._skip:
+            nl = data.find(b"\n")
+            if nl < 0:
+                return
+            data, self._skip = data[nl + 1:], False
+        end = data.rfind(b"\n")
+        tail = data[end + 1:]
+        if len(tail) > self._max_line:
+            self.stats.oversized += 1
+            self._skip, tail = True, b""
+        self._pending = tail
+        if end > 0:
+            self._parse(data[:end], out)
+
+    def _parse(self, body: bytes, out: list[Record]) -> None:
+        # Fast path: all the lines of a chunk parsed by one json.loads call as a JSON array,
+        # twice as fast as a call per line. A line that is not one JSON value makes the
+        # parse fail or the element count differ (short of two broken lines that cancel
+        # out exactly), and then the chunk is parsed line by line.
+        items: list[Any] | None
+        try:
+            items = json.loads(b"[" + body.replace(b"\n", b",") + b"]")
+        except (ValueError, RecursionError):
+            items = None
+        if items is None or len(items) != body.count(b"\n") + 1:
+            items = self._parse_lines(body)
+        non_dict = no_step = 0
+        append = out.append
+        for obj in items:
+            if type(obj) is not dict:
+                non_dict += 1
+            elif "ftrain" in obj or type(obj.get("step")) is int:
+                append(obj)
+            else:
+                no_step += 1
+        if non_dict or no_step:
+            self.stats.non_dict += non_dict
+            self.stats.no_step += no_step
+
+    def _parse_lines(self, body: bytes) -> list[Any]:
+        items: list[Any] = []
+        for line in body.split(b"\n"):
+            if len(line) > self._max_line:
+                self.stats.oversized += 1
+                continue
+            try:
+                items.append(json.loads(line))
+            except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+                if line.strip():
+                    self.stats.garbage += 1
+        return items
+
+
+# ---------------------------------------------------------------------------------- specs
+
+@dataclass(frozen=True)
+class NonfiniteSpec:
+    """NaN or ±Inf in any of these metrics is an anomaly."""
+
+    metrics: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ThresholdSpec:
+    """The metric must stay within [min, max]; either bound may be absent."""
+
+    metric: str
+    min: float | None = None
+    max: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.min is None and self.max is None:
+            raise ValueError(f"threshold on {self.metric}: needs min or max")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"threshold on {self.metric}: min {self.min} is above max {self.max}")
+
+
+@dataclass(frozen=True)
+class SpikeSpec:
+    """A value more than ``zscore`` robust deviations above the rolling median of ``window``.
+
+    Fires after ``warmup`` values of the attempt (and never on fewer than 10), when
+    ``patience`` values in a row are outliers. Upward only: a falling loss is good.
+    """
+
+    metric: str
+    window: int = 200
+    zscore: float = 6.0
+    warmup: int = 50
+    patience: int = 1
+
+    def __post_init__(self) -> None:
+        if self.window < 5 or self.warmup < 0 or self.patience < 1 or not self.zscore >= 0:
+            raise ValueError(f"spike on {self.metric}: needs window >= 5, warmup >= 0, patience >= 1, "
+                             f"zscore >= 0 (got {self.window}, {self.warmup}, {self.patience}, "
+                             f"{self.zscore})")
+
+
+@dataclass(frozen=True)
+class HangSpec:
+    """No record for longer than the timeout is a hang.
+
+    ``timeout`` None is ``auto``: ``max(floor, factor × the longest steady step interval)``.
+    ``startup`` applies before an attempt's first step, while nothing has been learnt, and
+    while a checkpoint save is in flight (with an explicit timeout, the larger of the two).
+    """
+
+    timeout: float | None = None
+    startup: float = 600.0
+    floor: float = 60.0
+    factor: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.timeout is not None and not self.timeout > 0:
+            raise ValueError(f"hang timeout must be above 0 s, not {self.timeout}")
+        if not (self.startup > 0 and self.floor >= 0 and self.factor >= 1):
+            raise ValueError(f"hang: needs startup > 0, floor >= 0, factor >= 1 "
+                             f"(got {self.startup}, {self.floor}, {self.factor})")
+
+
+@dataclass(frozen=True)
+class DetectSpec:
+    """All the detectors of a run: the ``detect:`` section of a policy, parsed."""
+
+    nonfinite: NonfiniteSpec | None = None
+    thresholds: tuple[ThresholdSpec, ...] = ()
+    spikes: tuple[SpikeSpec, ...] = ()
+    hang: HangSpec | None = None
+
+    @classmethod
+    def default(cls) -> DetectSpec:
+        """DESIGN §6 without the fixed bound.
+
+        No threshold by default: a sensible bound depends on the loss (``loss > 1000`` never
+        fires for a cross-entropy and is normal for a summed regression loss); the spike
+        detector covers blow-ups relative to the run's own level.
+        """
+        return cls(
+            nonfinite=NonfiniteSpec(("loss", "grad_norm")),
+            thresholds=(),
+            spikes=(SpikeSpec("loss", window=200, zscore=6.0, warmup=50, patience=1),),
+            hang=HangSpec(timeout=None, startup=600.0, floor=60.0, factor=5.0),
+        )
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """Every metric some detector watches, in first-mention order."""
+        names = list(self.nonfinite.metrics if self.nonfinite else ())
+        names += [t.metric for t in self.thresholds] + [s.metric for s in self.spikes]
+        return tuple(dict.fromkeys(names))
+
+
+# ---------------------------------------------------------------------------------- anomalies
+
+@dataclass(frozen=True)
+class Anomaly:
+    """One thing a detector saw: the kind, where, a reason in words and the raw lines.
+
+    ``value`` is the metric's value, or for a hang the seconds of silence.
+    """
+
+    kind: FailureKind
+    step: int | None
+    metric: str | None
+    value: float | None
+    reason: str
+    evidence: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_failure(self, exit_code: int | None = None, signal: str | None = None) -> Failure:
+        """The attempt's failure record: the reason first, then the lines that fired."""
+        return Failure(self.kind, exit_code=exit_code, signal=signal, step=self.step,
+                       evidence=(self.reason, *self.evidence))
+
+
+def _line(record: Mapping[str, Any]) -> str:
+    return json.dumps(record, separators=(", ", ": "))
+
+
+def _at(step: int | None) -> str:
+    return f" at step {step}" if step is not None else ""
+
+
+# ---------------------------------------------------------------------------------- spikes
+
+MAD_SIGMA = 1.4826     # MAD × this estimates σ of normal noise
+REL_FLOOR = 0.01       # the spread is taken as at least 1 % of the level (see _SpikeWatch)
+MIN_BASELINE = 10      # never judge against fewer values than this
+
+
+def _median(s: list[float]) -> float:
+    n = len(s)
+    h = n >> 1
+    return s[h] if n & 1 else (s[h - 1] + s[h]) * 0.5
+
+
+class _SpikeWatch:
+    """Rolling robust baseline of one metric: median and MAD of the last ``window`` values.
+
+    Positive series are judged on a log scale: training-loss noise is multiplicative, and a
+    linear MAD fires on the long upper tail of a 20 %-noisy loss in about one 5,000-step run
+    in five, while a log scale does not (for small noise the two agree). A series that goes
+    to 0 or below is judged linearly from then on, for the rest of the attempt. The spread
+    is floored at ``REL_FLOOR`` of the level, so a flat series never fires on rounding noise
+    and the smallest spike that can fire is about ``zscore`` % above the median.
+
+    The window is kept sorted (bisect; an O(window) memmove per value), so the median costs
+    O(1). The exact MAD (O(window)) is computed only for a suspect: a value above the
+    median by more than ``zscore`` × a lower bound of the MAD that costs O(1) — for any
+    ``a``, ``b`` with ``b - a = ceil(n/2)`` and ``s[a] <= median <= s[b]``, fewer than
+    half the values lie strictly between ``s[a]`` and ``s[b]``, so
+    ``min(median - s[a], s[b] - median) <= MAD``.
+    """
+
+    __slots__ = ("spec", "window", "log", "fifo", "sorted", "seen", "streak", "ready")
+
+    def __init__(self, spec: SpikeSpec) -> None:
+        self.spec = spec
+        self.window = spec.window
+        self.ready = max(spec.warmup, min(MIN_BASELINE, spec.window))
+        self.reset()
+
+    def reset(self) -> None:
+        self.log = True
+        self.fifo: deque[float] = deque()
+        self.sorted: list[float] = []
+        self.seen = 0
+        self.streak: list[tuple[float, float, int | None, Mapping[str, Any]]] = []
+
+    def observe(self, value: float, step: int | None, record: Mapping[str, Any]) -> Anomaly | None:
+        if not self.log:
+            x = value
+        elif value > 0.0:
+            x = math.log(value)
+        else:
+            self._to_linear()
+            x = value
+        s = self.sorted
+        if self.seen >= self.ready:
+            n = len(s)
+            h = n >> 1
+            med = s[h] if n & 1 else (s[h - 1] + s[h]) * 0.5
+            excess = x - med
+            if excess > 0.0:
+                span = (n + 1) >> 1
+                a = (n - span) >> 1
+                mad_low = min(med - s[a], s[a + span] - med)
+                zscore = self.spec.zscore
+                if excess > zscore * self._scale(med, mad_low):
+                    scale = self._scale(med, self._mad(med))
+                    if excess > zscore * scale:
+                        return self._outlier(x, value, step, record, med, excess / scale)
+            self.streak.clear()
+        fifo = self.fifo  # self._add(x), inlined: this is the per-line path
+        fifo.append(x)
+        if len(fifo) > self.window:
+            del s[bisect.bisect_left(s, fifo.popleft())]
+        bisect.insort(s, x)
+        self.seen += 1
+        return None
+
+    def _add(self, x: float) -> None:
+        s, fifo = self.sorted, self.fifo
+        fifo.append(x)
+        if len(fifo) > self.window:
+            del s[bisect.bisect_left(s, fifo.popleft())]
+        bisect.insort(s, x)
+        self.seen += 1
+
+    def _scale(self, med: float, mad: float) -> float:
+        floor = REL_FLOOR if self.log else REL_FLOOR * abs(med) + 1e-12
+        return max(MAD_SIGMA * mad, floor)
+
+    def _mad(self, med: float) -> float:
+        # |x - med| over a sorted list is a falling run then a rising one: sorted() merges them.
+        return _median(sorted([abs(x - med) for x in self.sorted]))
+
+    def _to_linear(self) -> None:
+        self.log = False
+        self.streak.clear()  # only values above a positive median count, and this one is not
+        self.fifo = deque(math.exp(x) for x in self.fifo)
+        self.sorted = sorted(self.fifo)
+
+    def _outlier(self, x: float, value: float, step: int | None, record: Mapping[str, Any], med: float,
+                 z: float) -> Anomaly | None:
+        """Count an outlier; fire after ``patience`` in a row.
+
+        Outliers stay out of the window while they are counted (a broken streak leaves no
+        trace); once they have fired they join it, so that under an ``ignore`` rule the
+        baseline follows a lasting change of level instead of firing on every value.
+        """
+        self.streak.append((x, value, step, record))
+        if len(self.streak) < self.spec.patience:
+            return None
+        anomaly = self._fire(med, z)
+        for fired in self.streak:
+            self._add(fired[0])
+        self.streak.clear()
+        return anomaly
+
+    def _fire(self, med: float, z: float) -> Anomaly:
+        spec = self.spec
+        _, value, step, _ = self.streak[-1]
+        evidence = tuple(_line(r) for _, _, _, r in self.streak)
+        n = len(self.sorted)
+        row = f", {spec.patience} values in a row" if spec.patience > 1 else ""
+        if self.log:
+            level = math.exp(med)
+            reason = (f"{spec.metric} {value:.4g}{_at(step)} is {value / level:.3g}× its median "
+                      f"{level:.4g} over the last {n} steps: {z:.1f} robust deviations on a log scale "
+                      f"(limit {spec.zscore:g}{row})")
+        else:
+            reason = (f"{spec.metric} {value:.4g}{_at(step)} is {z:.1f} robust deviations above its median "
+                      f"{med:.4g} over the last {n} steps (limit {spec.zscore:g}{row})")
+        return Anomaly(FailureKind.SPIKE, step, spec.metric, value, reason, evidence)
+
+
+# ---------------------------------------------------------------------------------- detectors
+
+class _Watch:
+    """Everything that looks at one metric."""
+
+    __slots__ = ("name", "nonfinite", "bounds", "spikes")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.nonfinite = False
+        self.bounds: list[ThresholdSpec] = []
+        self.spikes: list[_SpikeWatch] = []
+
+    def check(self, v: float, step: int | None, record: Mapping[str, Any]) -> Anomaly | None:
+        """The first anomaly this value shows: non-finite, then a bound, then a spike."""
+        if not math.isfinite(v):  # never enters a spike window
+            if self.nonfinite:
+                return Anomaly(FailureKind.NONFINITE, step, self.name, v, f"{self.name} = {v}{_at(step)}",
+                               (_line(record),))
+            return self._bounds(v, step, record) if self.bounds and v == v else None
+        found = self._bounds(v, step, record) if self.bounds else None
+        for sw in self.spikes:
+            spike = sw.observe(v, step, record)
+            if found is None:
+                found = spike
+        return found
+
+    def _bounds(self, v: float, step: int | None, record: Mapping[str, Any]) -> Anomaly | None:
+        for b in self.bounds:
+            if b.max is not None and v > b.max:
+                side = f"above its max {b.max:g}"
+            elif b.min is not None and v < b.min:
+                side = f"below its min {b.min:g}"
+            else:
+                continue
+            return Anomaly(FailureKind.THRESHOLD, step, self.name, v,
+                           f"{self.name} {v:.4g}{_at(step)} is {side}", (_line(record),))
+        return None
+
+
+class Detectors:
+    """Runs a ``DetectSpec`` over the records of a run, one attempt at a time.
+
+    ``feed`` every record as it is read and call ``check_hang`` on every poll; both return
+    at most one ``Anomaly``. A hang fires once per silence. ``last_values`` holds the latest
+    finite-or-not value of each watched metric in the current attempt (an exit 0 with a NaN
+    there is ``nonfinite``). ``clock`` is injectable for tests.
+    """
+
+    def __init__(self, spec: DetectSpec, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.spec = spec
+        self.last_values: dict[str, float] = {}
+        self._clock = clock
+        self._hang = spec.hang
+        watches: dict[str, _Watch] = {}
+        for name in spec.metrics:
+            watches[name] = _Watch(name)
+        if spec.nonfinite:
+            for name in spec.nonfinite.metrics:
+                watches[name].nonfinite = True
+        for t in spec.thresholds:
+            watches[t.metric].bounds.append(t)
+        for sp in spec.spikes:
+            watches[sp.metric].spikes.append(_SpikeWatch(sp))
+        self._watches = tuple(watches.values())
+        self._max_interval = -1.0                # learnt (-1: not yet); survives attempts
+        self._attempt: int | None = None
+        self._beat: float | None = None          # None: no attempt started, no record yet
+        self._step_t: float | None = None
+        self._last_step: int | None = None
+        self._last_record: Mapping[str, Any] | None = None
+        self._stepped = False
+        self._saving = False
+        self._save_step: int | None = None
+        self._gap = False
+        self._hang_fired = False
+
+    # public --------------------------------------------------------------------------
+    def start_attempt(self, now: float | None = None, *, attempt: int | None = None) -> None:
+        """Reset what belongs to one attempt; with ``attempt``, records of others are ignored."""
+        self._attempt = attempt
+        self._beat = self._clock() if now is None else now
+        self._step_t = self._last_step = self._last_record = None
+        self._stepped = self._saving = self._gap = self._hang_fired = False
+        self._save_step = None
+        self.last_values.clear()
+        for w in self._watches:
+            for sw in w.spikes:
+                sw.reset()
+
+    def feed(self, record: Mapping[str, Any], now: float | None = None) -> Anomaly | None:
+        """Take one record: a heartbeat, and for a metric line the value detectors."""
+        if self._attempt is not None:
+            attempt = record.get("attempt")
+            if attempt is not None and attempt != self._attempt:
+                return None
+        if now is None:
+            now = self._clock()
+        self._beat = now
+        self._hang_fired = False
+        self._last_record = record
+        control = record.get("ftrain")
+        if control is not None:
+            if control == "save_start":
+                step = record.get("step")
+                self._saving, self._gap = True, True
+                self._save_step = step if type(step) is int else None
+            elif control == "save_end":
+                self._saving = False
+            return None
+        step = record.get("step")
+        if type(step) is int:
+            last_t = self._step_t
+            if last_t is not None and not self._gap:
+                interval = now - last_t
+                if interval > self._max_interval:
+                    self._max_interval = interval
+            self._step_t = now
+            self._last_step = step
+            self._stepped = True
+            self._gap = False
+        else:
+            step = None
+        found: Anomaly | None = None
+        last = self.last_values
+        for w in self._watches:
+            name = w.name
+            v = record.get(name)
+            if v is None:
+                continue
+            kind = type(v)
+            if kind is not float:
+                if kind is not int:  # bool, str, lists: not a value
+                    continue
+                v = float(v)
+            last[name] = v
+            anomaly = w.check(v, step, record)
+            if found is None:
+                found = anomaly
+        return found
+
+    def check_hang(self, now: float | None = None) -> Anomaly | None:
+        """A ``hang`` anomaly when nothing has arrived for longer than the current limit."""
+        if self._hang is None or self._beat is None or self._hang_fired:
+            return None
+        if now is None:
+            now = self._clock()
+        silent = now - self._beat
+        if silent <= self._limit():
+            return None
+        self._hang_fired = True
+        return Anomaly(FailureKind.HANG, self._last_step, None, silent, self._hang_reason(silent),
+                       (_line(self._last_record),) if self._last_record is not None else ())
+
+    @property
+    def hang_timeout(self) -> float:
+        """The silence that counts as a hang right now (inf without a hang detector)."""
+        return self._limit() if self._hang is not None else math.inf
+
+    # internals -----------------------------------------------------------------------
+    def _steady(self) -> float | None:
+        """The steady-state timeout, or None while nothing is known to base it on."""
+        h = self._hang
+        assert h is not None
+        if h.timeout is not None:
+            return h.timeout
+        if self._max_interval < 0.0:
+            return None
+        return max(h.floor, h.factor * self._max_interval)
+
+    def _limit(self) -> float:
+        h = self._hang
+        assert h is not None
+        steady = self._steady()
+        if self._saving or not self._stepped or steady is None:
+            return max(h.startup, steady or 0.0)
+        return steady
+
+    def _hang_reason(self, silent: float) -> str:
+        h = self._hang
+        assert h is not None
+        limit = self._limit()
+        if self._saving:
+            return (f"nothing new for {silent:.1f} s while the checkpoint save{_at(self._save_step)} "
+                    f"is in flight (allowance {limit:.1f} s)")
+        if not self._stepped:
+            return f"no step yet and nothing new for {silent:.1f} s (startup allowance {limit:.1f} s)"
+        head = f"no new step for {silent:.1f} s after step {self._last_step}"
+        if h.timeout is not None:
+            return f"{head} (timeout {limit:.1f} s)"
+        if self._max_interval < 0.0:
+            return f"{head} (startup allowance {limit:.1f} s: no step interval learnt yet)"
+        if limit == h.floor:
+            return f"{head} (timeout {limit:.1f} s, the floor; max step interval {self._max_interval:.1f} s)"
+        learnt = f"learnt from a {self._max_interval:.1f} s max step interval × {h.factor:g}"
+        return f"{head} (timeout {limit:.1f} s, {learnt})"

@@ -1,0 +1,369 @@
+"""Measure ftrain against its budgets (DESIGN §9), side by side with torchrun where both do
+the same work. Run: ``python scripts/bench.py [--quick] [--only NAME ...] [--json FILE]``.
+
+Each figure prints as ``name: value (budget …) [peer: …]``. Nothing here is a test: the
+numbers depend on the machine; they go into the README and the closing notes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+RESULTS: dict[str, Any] = {}
+
+CRASH_SH = """#!/bin/sh
+# One attempt of a crashing job: stamp the start, stamp the end, exit 1.
+echo "start $(date +%s.%N)" >> "$STAMPS"
+echo "end $(date +%s.%N)" >> "$STAMPS"
+exit 1
+"""
+
+RESTART_POLICY = """
+version: 1
+max_restarts: {n}
+no_progress: 1000
+backoff: 0s
+detect: {{hang: false, spike: {{}}, nonfinite: []}}
+rules:
+  - when: [exit_nonzero, exception, segfault, aborted, killed]
+    action: restart
+"""
+
+
+def report(name: str, value: Any, unit: str = "", budget: str = "", peer: str = "") -> None:
+    RESULTS[name] = value
+    text = f"{value:.3g}" if isinstance(value, float) else str(value)
+    line = f"{name}: {text}{(' ' + unit) if unit else ''}"
+    if budget:
+        line += f"  (budget {budget})"
+    if peer:
+        line += f"  [{peer}]"
+    print(line, flush=True)
+
+
+def gaps_from(stamps: Path) -> list[float]:
+    """Child exit → next child start, from the stamps each attempt wrote."""
+    rows = [line.split() for line in stamps.read_text().splitlines() if line.strip()]
+    gaps, last_end = [], None
+    for kind, t in rows:
+        if kind == "start" and last_end is not None:
+            gaps.append(float(t) - last_end)
+        if kind == "end":
+            last_end = float(t)
+    return gaps
+
+
+def peak_rss(proc: subprocess.Popen, only_self: bool = True) -> Callable[[], float]:
+    """Sample a process's resident memory until it exits; returns a getter for the peak MiB."""
+    import threading
+
+    peak = [0.0]
+
+    def sample() -> None:
+        try:
+            p = psutil.Process(proc.pid)
+            while proc.poll() is None:
+                peak[0] = max(peak[0], p.memory_info().rss / 2**20)
+                time.sleep(0.01)
+        except psutil.Error:
+            pass
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    return lambda: (thread.join(5), peak[0])[1]
+
+
+def bench_restart_gap(tmp: Path, n: int) -> None:
+    """ftrain's restart gap and resident memory vs torchrun --max-restarts on the same script."""
+    script = tmp / "crash.sh"
+    script.write_text(CRASH_SH)
+    script.chmod(0o755)
+    policy = tmp / "restart.yaml"
+    policy.write_text(RESTART_POLICY.format(n=n))
+    env = {**os.environ, "STAMPS": str(tmp / "ftrain.stamps")}
+    proc = subprocess.Popen([PY, "-m", "ftrain", "run", str(script), "--policy", str(policy), "--no-ui",
+                             "--run-dir", str(tmp / "gap-run")], env=env, cwd=tmp,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peak = peak_rss(proc)
+    proc.wait()
+    gaps = gaps_from(tmp / "ftrain.stamps")
+    ftrain_rss = peak()
+
+    env["STAMPS"] = str(tmp / "torchrun.stamps")
+    torchrun = shutil.which("torchrun") or str(Path(PY).with_name("torchrun"))
+    peer = "torchrun not installed"
+    t_gaps: list[float] = []
+    t_rss = 0.0
+    if Path(torchrun).exists():
+        proc = subprocess.Popen([torchrun, "--standalone", "--nproc-per-node", "1", f"--max-restarts={n}",
+                                 "--monitor-interval", "0.1", "--no-python", str(script)],
+                                env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        peak_t = peak_rss(proc)
+        proc.wait()
+        t_gaps = gaps_from(tmp / "torchrun.stamps")
+        t_rss = peak_t()
+    med = statistics.median(gaps) * 1000
+    if t_gaps:
+        t_med = statistics.median(t_gaps) * 1000
+        peer = f"torchrun --max-restarts: {t_med:.1f} ms, {t_med / med:.1f}x slower"
+    report("restart_gap_median_ms", med, "ms", "<= 25 ms", peer)
+    report("restart_gap_p90_ms", sorted(gaps)[int(0.9 * (len(gaps) - 1))] * 1000, "ms")
+    report("supervisor_rss_peak_mib", ftrain_rss, "MiB", "<= 60 MiB",
+           f"torchrun agent: {t_rss:.0f} MiB" if t_rss else "")
+
+
+def bench_startup(tmp: Path, n: int = 7) -> None:
+    """Supervisor start → child exec: `ftrain run` launched → the child's first instruction."""
+    script = tmp / "stamp.sh"
+    script.write_text('#!/bin/sh\necho "$(date +%s.%N)" > "$STAMP"\n')
+    script.chmod(0o755)
+    times = []
+    for i in range(n):
+        stamp = tmp / f"start-{i}"
+        env = {**os.environ, "STAMP": str(stamp)}
+        t0 = time.time()
+        subprocess.run([PY, "-m", "ftrain", "run", str(script), "--no-ui", "--run-dir", str(tmp / f"start-run-{i}")],
+                       env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        times.append(float(stamp.read_text()) - t0)
+    report("start_to_child_exec_ms", statistics.median(times) * 1000, "ms", "<= 150 ms",
+           f"python -c pass alone: {python_startup_ms():.0f} ms")
+
+
+def python_startup_ms() -> float:
+    t = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        subprocess.run([PY, "-c", "pass"], check=True)
+        t.append(time.perf_counter() - t0)
+    return statistics.median(t) * 1000
+
+
+def bench_log_cost(tmp: Path) -> None:
+    """ftrain.log per call, 3 float metrics, supervised (writes to a real file)."""
+    code = textwrap.dedent(f"""
+        import os, time, statistics
+        os.environ.update(FTRAIN_RUN_DIR={str(tmp)!r}, FTRAIN_METRICS_PATH={str(tmp / 'log-bench.jsonl')!r},
+                          FTRAIN_ATTEMPT='1')
+        import ftrain
+        per = []
+        for rep in range(7):
+            n = 20000
+            t0 = time.perf_counter()
+            for i in range(n):
+                ftrain.log(i, loss=2.31, lr=3e-4, grad_norm=0.87)
+            per.append((time.perf_counter() - t0) / n * 1e6)
+        print(statistics.median(per))
+    """)
+    out = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True, cwd=tmp)
+    report("log_call_median_us", float(out.stdout.strip()), "µs", "<= 10 µs")
+
+
+def bench_ingest(tmp: Path, lines: int = 500_000) -> None:
+    """Tailer + detectors (default spec) on a file of metric lines."""
+    sys.path.insert(0, str(ROOT))
+    from ftrain.watch import DetectSpec, Detectors, Tailer
+
+    path = tmp / "ingest.jsonl"
+    with open(path, "w") as f:
+        for i in range(lines):
+            f.write(json.dumps({"step": i, "t": 1.7e9 + i * 0.01, "attempt": 1, "loss": 2.0 + (i % 17) * 0.01,
+                                "grad_norm": 0.5 + (i % 5) * 0.01, "lr": 3e-4}) + "\n")
+    tailer, det = Tailer(path), Detectors(DetectSpec.default())
+    det.start_attempt(0.0)
+    t0 = time.perf_counter()
+    seen = 0
+    while seen < lines:
+        batch = tailer.read_new()
+        if not batch:
+            break
+        for rec in batch:
+            det.feed(rec, 1.0)
+        seen += len(batch)
+    rate = seen / (time.perf_counter() - t0)
+    report("ingest_lines_per_s", rate, "lines/s", ">= 200,000")
+
+
+DETECT_CHILD = """
+import os, signal, sys, time
+import ftrain
+out = os.environ["LATENCY_OUT"]
+def on_term(signum, frame):
+    with open(out, "a") as f:
+        f.write(f"{time.time()}\\n")
+    os._exit(0)
+signal.signal(signal.SIGTERM, on_term)
+for step in range(20):
+    ftrain.log(step, loss=2.0 - step * 0.01)
+    time.sleep(0.005)
+with open(out, "a") as f:
+    f.write(f"w {time.time()}\\n")
+ftrain.log(20, loss=float("nan"))
+time.sleep(30)
+"""
+
+
+def bench_detect_latency(tmp: Path, n: int) -> None:
+    """NaN line written → the child signalled (its SIGTERM handler stamps the time)."""
+    script = tmp / "nan_child.py"
+    script.write_text(DETECT_CHILD)
+    policy = tmp / "nan.yaml"
+    policy.write_text(f"""
+version: 1
+max_restarts: {n - 1}
+no_progress: 1000
+backoff: 0s
+grace: 5s
+detect: {{nonfinite: [loss], spike: {{}}, hang: false}}
+rules:
+  - when: nonfinite
+    action: restart
+""")
+    out = tmp / "latency.txt"
+    env = {**os.environ, "LATENCY_OUT": str(out)}
+    subprocess.run([PY, "-m", "ftrain", "run", str(script), "--policy", str(policy), "--no-ui",
+                    "--run-dir", str(tmp / "latency-run")], env=env, cwd=tmp,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lat, written = [], None
+    for line in out.read_text().splitlines():
+        if line.startswith("w "):
+            written = float(line[2:])
+        elif written is not None:
+            lat.append((float(line) - written) * 1000)
+            written = None
+    lat.sort()
+    report("detect_latency_p50_ms", statistics.median(lat), "ms", "<= 25 ms")
+    report("detect_latency_p99_ms", lat[min(len(lat) - 1, int(0.99 * len(lat)))], "ms", "<= 100 ms",
+           f"{len(lat)} detections")
+
+
+STEADY_CHILD = """
+import time, ftrain
+end = time.time() + float(__import__("os").environ["SECONDS_TO_LOG"])
+step = 0
+next_t = time.time()
+while time.time() < end:
+    ftrain.log(step, loss=2.0 + (step % 13) * 0.01, grad_norm=0.5, lr=3e-4)
+    step += 1
+    next_t += 0.001
+    pause = next_t - time.time()
+    if pause > 0:
+        time.sleep(pause)
+print("lines", step)
+"""
+
+
+def bench_cpu(tmp: Path, seconds: float) -> None:
+    """Supervisor CPU while the child logs 1,000 lines/s."""
+    script = tmp / "steady.py"
+    script.write_text(STEADY_CHILD)
+    env = {**os.environ, "SECONDS_TO_LOG": str(seconds)}
+    proc = subprocess.Popen([PY, "-m", "ftrain", "run", str(script), "--no-ui", "--run-dir", str(tmp / "cpu-run")],
+                            env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    p = psutil.Process(proc.pid)
+    time.sleep(min(2.0, seconds / 4))  # past start-up
+    c0, t0 = sum(p.cpu_times()[:2]), time.monotonic()
+    time.sleep(seconds / 2)
+    c1, t1 = sum(p.cpu_times()[:2]), time.monotonic()
+    out, _ = proc.communicate()
+    lines = int(out.split()[-1]) if out.strip() else 0
+    report("supervisor_cpu_at_1000_lines_per_s_pct", (c1 - c0) / (t1 - t0) * 100, "% of one core", "<= 2 %",
+           f"child logged {lines / seconds:.0f} lines/s")
+
+
+def bench_checkpoint(tmp: Path, mb: int) -> None:
+    """Shim save vs plain torch.save of a ~mb MB state; time blocked by a non-blocking save."""
+    code = textwrap.dedent(f"""
+        import os, time, statistics, torch
+        os.environ.update(FTRAIN_RUN_DIR={str(tmp)!r}, FTRAIN_CHECKPOINT_DIR={str(tmp / 'ckpt')!r},
+                          FTRAIN_METRICS_PATH={str(tmp / 'ck.jsonl')!r}, FTRAIN_ATTEMPT='1')
+        import ftrain
+        state = {{"w": torch.randn({mb} * 2**20 // 4 // 4, 4)}}
+        plain, plain_sync, shim, nb_block = [], [], [], []
+        for i in range(5):
+            t0 = time.perf_counter(); torch.save(state, {str(tmp / 'plain.pt')!r}); plain.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            with open({str(tmp / 'plain2.pt')!r}, "wb") as f:
+                torch.save(state, f); f.flush(); os.fsync(f.fileno())
+            plain_sync.append(time.perf_counter() - t0)
+            t0 = time.perf_counter(); ftrain.save_checkpoint(state, i); shim.append(time.perf_counter() - t0)
+            t0 = time.perf_counter(); ftrain.save_checkpoint(state, 100 + i, blocking=False)
+            nb_block.append(time.perf_counter() - t0)
+            ftrain.shim._wait_for_save(raise_error=True)
+        m = statistics.median
+        print(m(plain), m(plain_sync), m(shim), m(nb_block))
+    """)
+    out = subprocess.run([PY, "-c", code], capture_output=True, text=True, cwd=tmp)
+    if out.returncode != 0:
+        print(out.stderr[-2000:])
+        return
+    plain, plain_sync, shim, nb = map(float, out.stdout.split())
+    report("ckpt_save_vs_torch_save", shim / plain, "x", "<= 1.10x",
+           f"{mb} MB: torch.save {plain * 1000:.0f} ms, +fsync {plain_sync * 1000:.0f} ms, "
+           f"ftrain {shim * 1000:.0f} ms; vs torch.save+fsync {shim / plain_sync:.2f}x")
+    report("ckpt_nonblocking_blocked_share", nb / shim, "of a blocking save", "<= 0.10",
+           f"blocked {nb * 1000:.0f} ms")
+
+
+def bench_goodput(tmp: Path, steps: int) -> None:
+    """The demo job with 5 injected faults of different kinds vs the same job without faults."""
+    faults = ",".join(f"{k}@{int(steps * f)}" for k, f in
+                      (("oom", 0.15), ("segv", 0.3), ("nan", 0.5), ("hang", 0.65), ("kill", 0.8)))
+    walls = {}
+    for name, extra in (("clean", []), ("faults", ["--inject", faults])):
+        t0 = time.monotonic()
+        p = subprocess.run([PY, "-m", "ftrain", "run", str(ROOT / "scripts/train_charlm.py"),
+                            "--config", str(ROOT / "configs/demo.yaml"), "--policy", str(ROOT / "configs/policy.demo.yaml"),
+                            "--set", f"train.steps={steps}", "--no-ui", "--run-dir", str(tmp / f"goodput-{name}"), *extra],
+                           cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        walls[name] = time.monotonic() - t0
+        if p.returncode != 0:
+            print(p.stderr[-3000:])
+            return
+    report("demo_goodput_with_5_faults", walls["clean"] / walls["faults"], "of the fault-free wall time",
+           ">= 0.80", f"{steps} steps: clean {walls['clean']:.1f}s, with {faults}: {walls['faults']:.1f}s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--only", nargs="*", help="run only these benches")
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    args = ap.parse_args()
+    q = args.quick
+    benches: dict[str, Callable[[Path], None]] = {
+        "restart": lambda t: bench_restart_gap(t, 10 if q else 30),
+        "startup": lambda t: bench_startup(t, 3 if q else 7),
+        "log": bench_log_cost,
+        "ingest": lambda t: bench_ingest(t, 200_000 if q else 500_000),
+        "latency": lambda t: bench_detect_latency(t, 20 if q else 60),
+        "cpu": lambda t: bench_cpu(t, 6 if q else 20),
+        "checkpoint": lambda t: bench_checkpoint(t, 20 if q else 100),
+        "goodput": lambda t: bench_goodput(t, 300 if q else 1200),
+    }
+    print(f"# ftrain bench on {os.cpu_count()} cores, Python {sys.version.split()[0]}", flush=True)
+    for name, fn in benches.items():
+        if args.only and name not in args.only:
+            continue
+        with tempfile.TemporaryDirectory(prefix=f"ftrain-bench-{name}-") as tmp:
+            fn(Path(tmp))
+    if args.json:
+        args.json.write_text(json.dumps(RESULTS, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install ftrain into .venv and run the demo: a real character-level language model trained on
+# Tiny Shakespeare, which ftrain sees fail five real ways and recover from, then the story.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -d .venv ] || python3 -m venv .venv
+. .venv/bin/activate
+python -m pip install -q torch==2.13.0
+python -m pip install -q -e .
+run="runs/demo-$(date +%Y%m%d-%H%M%S)"
+set +e
+ftrain run scripts/train_charlm.py --config configs/demo.yaml --policy configs/policy.demo.yaml \
+  --inject oom@40,segv@90,nan@140,hang@190,kill@240 --run-dir "$run" "$@"
+code=$?
+set -e
+echo
+ftrain inspect "$run"
+echo
+ftrain inspect "$run/checkpoints"
+exit $code

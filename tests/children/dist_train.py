@@ -1,0 +1,112 @@
+"""A real DDP training job for the distributed tests: a tiny model, gloo on CPU, every rank
+using the shim (config, resume, log, checkpoints on rank 0, skip windows, should_stop).
+
+Config (ftrain.config): train.steps, train.batch_size, train.ckpt_every, train.sleep.
+Faults the supervisor's ``--inject`` cannot place on another rank than 0 come from the
+environment and fire in attempt 1 only (so a restart can finish):
+
+* ``DIST_FAULT=kind@step`` with ``DIST_FAULT_RANK=r`` (default 1): on rank r at that step
+  ``segv`` (a real SIGSEGV), ``hang`` (sleep forever outside any collective, so the other
+  ranks block in their next allreduce), ``oom`` (the exception PyTorch raises), ``exit``
+  (exit 3), ``kill`` (SIGKILL to the rank's own node: its torchrun and the ftrain above).
+* ``DIST_GLOO_TIMEOUT`` seconds for the process group's collectives (default 300), long
+  enough that ftrain's hang detector fires before gloo gives up.
+
+Each rank prints ``rank R pid P`` at start and ``rank R done`` at the end.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import ftrain
+
+
+def fire(kind: str, rank: int, step: int) -> None:
+    print(f"rank {rank}: injecting {kind} at step {step}", flush=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if kind == "segv":
+        ctypes.string_at(0)
+    elif kind == "hang":
+        while True:
+            time.sleep(3600)
+    elif kind == "oom":
+        raise torch.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 1 has a total capacity of 79.15 GiB "
+            "of which 1.06 GiB is free.")
+    elif kind == "exit":
+        sys.exit(3)
+    elif kind == "kill":
+        # The whole node dies: this rank's supervisor (ftrain) and everything under it.
+        ftrain_pid = int(os.environ["DIST_NODE_SUPERVISOR_PID"])
+        os.kill(ftrain_pid, signal.SIGKILL)
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+    raise SystemExit(f"unknown DIST_FAULT kind {kind!r}")
+
+
+def main() -> None:
+    cfg = ftrain.config(defaults={"train": {"steps": 30, "batch_size": 16, "ckpt_every": 5, "sleep": 0.02}})
+    t = cfg["train"]
+    timeout = float(os.environ.get("DIST_GLOO_TIMEOUT", "300"))
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    print(f"rank {rank} pid {os.getpid()} world {world} batch_size {t['batch_size']}", flush=True)
+
+    fault_kind, fault_step = None, -1
+    spec = os.environ.get("DIST_FAULT")
+    if spec and os.environ.get("FTRAIN_ATTEMPT") == "1" and rank == int(os.environ.get("DIST_FAULT_RANK", "1")):
+        fault_kind, _, step_text = spec.partition("@")
+        fault_step = int(step_text)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    start = 0
+    state = ftrain.load_checkpoint()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        start = int(state["step"]) + 1
+        print(f"rank {rank} resumed from step {state['step']}", flush=True)
+
+    gen = torch.Generator().manual_seed(1234 + rank)
+    w_true = torch.arange(8, dtype=torch.float32) / 8
+    for step in range(start, int(t["steps"])):
+        if ftrain.should_skip(step):
+            continue
+        if step == fault_step and fault_kind is not None:
+            fire(fault_kind, rank, step)
+        x = torch.randn(int(t["batch_size"]), 8, generator=gen)
+        y = (x @ w_true).unsqueeze(1)
+        loss = nn.functional.mse_loss(ddp(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        time.sleep(float(t["sleep"]))
+        ftrain.log(step, loss=loss.detach(), grad_norm=0.5)
+        if t["ckpt_every"] and (step + 1) % int(t["ckpt_every"]) == 0:
+            ftrain.save_checkpoint({"model": model.state_dict(), "optim": opt.state_dict(), "step": step}, step)
+        stop = torch.tensor([int(ftrain.should_stop())])
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)   # every rank leaves after the same step
+        if stop.item():
+            ftrain.save_checkpoint({"model": model.state_dict(), "optim": opt.state_dict(), "step": step}, step)
+            print(f"rank {rank} stopping at step {step}", flush=True)
+            break
+    dist.barrier()
+    dist.destroy_process_group()
+    print(f"rank {rank} done", flush=True)
+
+
+if __name__ == "__main__":
+    main()
