@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ftrain import overrides
+from ftrain.distributed import DistSpec, job_dir_of, make_distributed, node_dir
 from ftrain.errors import ConfigError, PolicyError, RunDirError, UsageError
 from ftrain.inject import Fault, parse_inject
 from ftrain.journal import JOURNAL_VERSION, Event, read_journal
@@ -61,10 +62,14 @@ def start_run(*, script: str, script_args: tuple[str, ...], policy_path: Path | 
     if problems:
         raise PolicyError(problems)
     faults = _parse_inject(inject)
-    if nproc_per_node != 1 or nnodes != 1 or rdzv_endpoint:
-        raise UsageError("--nproc-per-node/--nnodes: several ranks are not supported by this version yet")
+    spec = DistSpec.from_cli(nproc_per_node, nnodes, node_rank, rdzv_endpoint)
+    if spec is not None and spec.multi_node and run_dir is None:
+        raise UsageError(f"--nnodes {spec.nnodes}: give every node the same --run-dir on a shared file system")
     command = build_command(script, script_args)
     run_dir = run_dir if run_dir is not None else new_run_dir(RUNS_DIR, script)
+    job_dir = run_dir
+    if spec is not None:   # node K > 0 of several keeps its own records inside the job's folder
+        run_dir = node_dir(spec, job_dir)
     check_fresh_run_dir(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -77,9 +82,26 @@ def start_run(*, script: str, script_args: tuple[str, ...], policy_path: Path | 
     adapter = make_adapter(policy, config)
     listeners = make_listeners(tensorboard)
     become_subreaper()
+    dist = make_distributed(spec, run_dir, job_dir) if spec is not None else None
     supervisor = Supervisor(run_dir, policy, launch, make_reporter(no_ui), inject=faults, adapter=adapter,
-                            listeners=listeners)
-    return supervisor.run()
+                            listeners=listeners, dist=dist)
+    return _supervise(supervisor)
+
+
+def _supervise(supervisor: Supervisor, *, resuming: bool = False) -> int:
+    """Run the supervisor; with several nodes, on the job's shared metrics and checkpoints
+    and with this node's heartbeat in ``coord/`` for as long as it runs."""
+    dist = supervisor.dist
+    if dist is None:
+        return supervisor.run(resuming=resuming)
+    if dist.job_dir != supervisor.run_dir:
+        supervisor.metrics_path = dist.job_dir / "metrics.jsonl"
+        supervisor.checkpoint_dir = dist.job_dir / "checkpoints"
+    dist.start()
+    try:
+        return supervisor.run(resuming=resuming)
+    finally:
+        dist.close()
 
 
 def make_adapter(policy: Any, config: dict[str, Any]) -> Any:
@@ -179,10 +201,12 @@ def resume_run(run_dir: Path | None, *, max_restarts: int | None, no_ui: bool) -
     adapter = make_adapter(policy, state.config)
     tb = info.get("tensorboard")
     become_subreaper()
+    spec = DistSpec.from_json(info["distributed"]) if info.get("distributed") else None
+    dist = make_distributed(spec, run_dir, job_dir_of(spec, run_dir)) if spec is not None else None
     supervisor = Supervisor(run_dir, policy, launch, make_reporter(no_ui), state=state, max_restarts=budget,
-                            adapter=adapter, listeners=make_listeners(Path(tb) if tb else None))
+                            adapter=adapter, listeners=make_listeners(Path(tb) if tb else None), dist=dist)
     supervisor.open_attempt = _open_attempt(events)
-    return supervisor.run(resuming=True)
+    return _supervise(supervisor, resuming=True)
 
 
 def _open_attempt(events: Sequence[dict[str, Any]]) -> dict[str, Any] | None:

@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 
 from ftrain import __version__, checkpoints, overrides
 from ftrain.classify import classify, read_oom_kill_count
@@ -35,6 +35,9 @@ from ftrain.kinds import Failure, FailureKind
 from ftrain.policy import Action, Decision, History, Policy
 from ftrain.process import Child, Exit, stop_leftover
 from ftrain.watch import Anomaly, Detectors, Tailer
+
+if TYPE_CHECKING:
+    from ftrain.distributed import Distributed
 
 POLL = 0.01  # seconds between looks at the metrics file while the child runs
 STATUS_EVERY = 0.25
@@ -270,7 +273,7 @@ class Supervisor:
     def __init__(self, run_dir: Path, policy: Policy, launch: LaunchSpec, reporter: Reporter, *,
                  inject: Sequence[Fault] = (), state: RunState | None = None,
                  max_restarts: int | None = None, adapter: ScriptAdapter | None = None,
-                 listeners: Sequence[Listener] = ()) -> None:
+                 listeners: Sequence[Listener] = (), dist: Distributed | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.policy = policy if max_restarts is None else replace(policy, max_restarts=max_restarts)
         self.launch = launch
@@ -280,6 +283,9 @@ class Supervisor:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.detectors = Detectors(self.policy.detect)
         self.adapter = adapter
+        self.dist = dist   # several ranks under torchrun, several nodes (ftrain.distributed)
+        if dist is not None:
+            dist.bind(self._say)
         self._hook_fds: list[int] = []
         self.listeners = list(listeners)
         self.open_attempt: dict[str, Any] | None = None  # resume: an attempt whose supervisor died
@@ -360,6 +366,7 @@ class Supervisor:
             "config_path": self.launch.config_path,
             "sets": dict(self.launch.sets),
             "tensorboard": self.launch.tensorboard,
+            "distributed": self.dist.spec.to_json() if self.dist is not None else None,
             "base_config": dict(self.launch.base_config),
             "inject": format_inject(self.state.inject) or None,
             "created": time.time(),
@@ -371,9 +378,17 @@ class Supervisor:
     def _loop(self) -> int:
         assert self.journal is not None
         while True:
+            if self.dist is not None:
+                self.dist.before_attempt(self.state)
             self.state.attempt += 1
             n = self.state.attempt
             failure, exit_, watch = self._attempt(n)
+            agreed: Decision | None = None
+            if self.dist is not None:   # several nodes: node 0 decides for all
+                def decide(f: Failure) -> Decision:
+                    return self.policy.decide(f, self.state.history(), self._usable_checkpoints())
+
+                failure, agreed = self.dist.agree(n, failure, interrupted=self._signal is not None, decide=decide)
             progress = watch.max_step is not None and (self.state.best_step is None
                                                        or watch.max_step > self.state.best_step)
             if n > 1 or self.state.restarts > 0:
@@ -395,7 +410,7 @@ class Supervisor:
                                              f"`ftrain resume {self.run_dir}` continues", code)
 
             ckpts = self._usable_checkpoints()
-            decision = self.policy.decide(failure, self.state.history(), ckpts)
+            decision = agreed or self.policy.decide(failure, self.state.history(), ckpts)
             if decision.action is Action.IGNORE:
                 # An ignored anomaly that ended the attempt (exit 0 with NaN last): the script finished.
                 self._journal_decision(n, decision, failure)
@@ -468,6 +483,8 @@ class Supervisor:
         config_path.write_text(overrides.dump_config(self.state.config))
         env = self._child_env(n, config_path)
         command = tuple(self.launch.command)
+        if self.dist is not None:
+            command = self.dist.command(command, n, attempt_dir)
         line_hook = None
         if self.adapter is not None:
             command = self.adapter.command(command, self.state.config, self.state.resume_from)
@@ -490,6 +507,8 @@ class Supervisor:
         where = f"from {Path(self.state.resume_from).name}" if self.state.resume_from else "fresh"
         self._say(f"attempt {n} started (pid {child.pid}, {where})")
         self.detectors.start_attempt(time.monotonic(), attempt=n)
+        if self.dist is not None:
+            self.dist.start_attempt(n, attempt_dir, child.pid)
 
         anomaly: Anomaly | None = None
         interrupted_sent = False
@@ -498,6 +517,8 @@ class Supervisor:
         while child.pump(POLL):
             now = time.monotonic()
             anomaly = self._ingest(tailer, watch, n, ignored) or self.detectors.check_hang(now)
+            if anomaly is None and self.dist is not None:   # one stuck rank, a failed or lost node
+                anomaly = self.dist.check(self.detectors.hang_timeout, step=watch.last_step)
             if anomaly is not None and self._act_on(anomaly, n, ignored):
                 break
             anomaly = None
@@ -513,7 +534,11 @@ class Supervisor:
 
         if anomaly is not None:
             self._say(f"stopping attempt {n}: {anomaly.reason}", "warn")
-            child.stop(self.policy.grace, dump_stacks=anomaly.kind is FailureKind.HANG, cooperative=False)
+            dump = anomaly.kind is FailureKind.HANG
+            if dump and self.dist is not None:   # SIGUSR1 to each rank; it would kill torchrun
+                self.dist.dump_stacks()
+                dump = False
+            child.stop(self.policy.grace, dump_stacks=dump, cooperative=False)
         exit_ = child.finish(stopped_by_us=anomaly is not None or interrupted_sent)
         self._ingest(tailer, watch, n, ignored, act=False)
         tailer.close()
@@ -525,7 +550,8 @@ class Supervisor:
         failure = self._classify(anomaly, exit_, child, watch, oom_before, interrupted_sent)
         if failure is not None:
             self._event(Event.FAILURE, attempt=n, **failure.to_json())
-            self._say(f"attempt {n} failed: {failure.kind.value} at step {failure.step}"
+            where = f"at step {failure.step}" if failure.step is not None else "before its first step"
+            self._say(f"attempt {n} failed: {failure.kind.value} {where}"
                       + (f" — {failure.evidence[0]}" if failure.evidence else ""), "error")
         if watch.max_step is not None and self.state.overrides and watch.config_digest is None:
             self._say("the script logged steps but never called ftrain.config(): "
@@ -586,11 +612,16 @@ class Supervisor:
     def _classify(self, anomaly: Anomaly | None, exit_: Exit, child: Child, watch: AttemptWatch,
                   oom_before: int | None, interrupted: bool) -> Failure | None:
         if anomaly is not None:
+            if self.dist is not None:
+                anomaly = self.dist.explain(anomaly)
             return anomaly.to_failure(exit_code=exit_.returncode, signal=exit_.signal_name)
         oom_after = read_oom_kill_count()
         oom_killed = oom_before is not None and oom_after is not None and oom_after > oom_before
-        failure = classify(exit_.returncode, child.tail_lines(), step=watch.last_step, oom_killed=oom_killed,
-                           stop_requested=watch.stop_requested or interrupted)
+        failure = None
+        if self.dist is not None and exit_.returncode != 0 and not (watch.stop_requested or interrupted):
+            failure = self.dist.root_cause(child.tail_lines(), step=watch.last_step, oom_killed=oom_killed)
+        failure = failure or classify(exit_.returncode, child.tail_lines(), step=watch.last_step,
+                                      oom_killed=oom_killed, stop_requested=watch.stop_requested or interrupted)
         if failure is None:
             bad = {m: v for m, v in self.detectors.last_values.items()
                    if isinstance(v, float) and not math.isfinite(v)}

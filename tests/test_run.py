@@ -81,7 +81,7 @@ def test_crash_kinds_are_classified_and_restarted(tmp_path, files, fault, kind, 
     assert p.returncode == 0, p.stderr
     evts = events(run)
     (failure,) = of(evts, "failure")
-    assert failure["kind"] == kind and failure["signal"] == signal_name and failure["step"] == 5
+    assert failure["kind"] == kind and failure["signal"] == signal_name and failure["step"] == 4  # the last step seen
     assert failure["evidence"]
     (decision,) = of(evts, "decision")
     assert decision["action"] == "restart" and decision["rule"] == 2
@@ -121,10 +121,10 @@ def test_exception_stops_with_exit_1(tmp_path, files):
 
 
 def test_crash_loop_gives_up_with_a_reason(tmp_path, files):
-    policy, _ = files
+    policy, config = files
     run = tmp_path / "run"
-    p = run_ftrain("run", MISBEHAVE, "--policy", str(policy), "--run-dir", str(run), "--no-ui",
-                   "--", "exit", "3", cwd=tmp_path)
+    p = run_ftrain("run", MISBEHAVE, "--policy", str(policy), "--config", str(config), "--run-dir", str(run),
+                   "--no-ui", "--", "exit", "3", cwd=tmp_path)
     assert p.returncode == 1
     evts = events(run)
     assert {f["kind"] for f in of(evts, "failure")} == {"exit_nonzero"}
@@ -158,23 +158,46 @@ def test_no_stray_processes_after_a_crash(tmp_path, files):
     assert all(e["strays_killed"] >= 1 for e in of(events(run), "attempt_end"))
 
 
-def test_hang_that_ignores_sigterm_is_killed(tmp_path, files):
-    policy, _ = files
+def test_hang_that_ignores_sigterm_is_killed(tmp_path, write, files):
+    _, config = files
+    policy = write("hang.yaml", FAST_POLICY.replace("startup: 20s", "startup: 3s").replace("max_restarts: 6",
+                                                                                           "max_restarts: 0"))
     run = tmp_path / "run"
     t0 = time.monotonic()
-    p = run_ftrain("run", MISBEHAVE, "--policy", str(policy), "--run-dir", str(run), "--no-ui",
+    p = run_ftrain("run", MISBEHAVE, "--policy", str(policy), "--config", str(config), "--run-dir", str(run), "--no-ui",
                    "--", "ignore-term-hang", cwd=tmp_path, timeout=120)
-    # no metrics ever: the startup allowance (20 s) fires, TERM is ignored, KILL after grace (2 s)
+    # no metrics ever: the startup allowance (3 s) fires, TERM is ignored, KILL after grace (2 s)
+    assert p.returncode == 1
     evts = events(run)
     assert of(evts, "failure")[0]["kind"] == "hang"
+    assert "max_restarts (0) spent" in evts[-1]["reason"]
     workers = [int(m) for m in re.findall(r"worker (\d+)", p.stdout)]
     assert workers and not any(pid_alive(w) for w in workers)
-    assert time.monotonic() - t0 < 110
+    assert time.monotonic() - t0 < 30
+
+
+def test_hung_shim_child_deaf_to_sigterm_dumps_stacks_and_is_gone(tmp_path, write, files):
+    _, config = files
+    policy = write("hang.yaml", FAST_POLICY.replace("max_restarts: 6", "max_restarts: 0"))
+    run = tmp_path / "run"
+    t0 = time.monotonic()
+    p = run_ftrain("run", JOB, "--policy", str(policy), "--config", str(config), "--run-dir", str(run), "--no-ui",
+                   "--", "hang-ignoring-term", cwd=tmp_path, timeout=60)
+    assert p.returncode == 1
+    evts = events(run)
+    (failure,) = of(evts, "failure")
+    assert failure["kind"] == "hang" and failure["step"] == 2
+    assert failure["signal"] == "SIGKILL"  # TERM was ignored; KILL after the grace period
+    log = (run / "attempts/0001/output.log").read_text()
+    assert "most recent call first" in log and "job_train.py" in log  # faulthandler's stacks
+    pid = of(evts, "attempt_start")[0]["pid"]
+    assert not pid_alive(pid)
+    assert time.monotonic() - t0 < 30
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_to_ftrain_reaches_child_first(tmp_path, write, sig, code):
-    policy = write("p.yaml", FAST_POLICY)
+    policy = write("p.yaml", FAST_POLICY.replace("grace: 2s", "grace: 60s"))  # the save imports torch
     config = write("c.yaml", CONFIG.replace("steps: 12", "steps: 100000").replace("ckpt_every: 0", "ckpt_every: 1000"))
     run = tmp_path / "run"
     proc = subprocess.Popen(ftrain_cmd("run", JOB, "--policy", str(policy), "--config", str(config),
@@ -185,7 +208,7 @@ def test_signal_to_ftrain_reaches_child_first(tmp_path, write, sig, code):
     while time.monotonic() < deadline and (not metrics.exists() or metrics.stat().st_size < 2000):
         time.sleep(0.05)
     proc.send_signal(sig)
-    out, err = proc.communicate(timeout=30)
+    out, err = proc.communicate(timeout=90)
     assert proc.returncode == code, err
     assert "stopping at step" in out  # should_stop() turned true and the script saved
     evts = events(run)
@@ -203,7 +226,7 @@ def test_signal_to_ftrain_reaches_child_first(tmp_path, write, sig, code):
     (["policy", "check", "bad.yaml"], "bad.yaml:3: rules[0].when: unknown failure kind 'segfualt'"),
     (["run", JOB, "--policy", "bad.yaml"], "bad.yaml:3: rules[0].when: unknown failure kind"),
     (["run", JOB, "--policy", "keys.yaml", "--config", "config.yaml"], "'train.micro' is not a key of the config"),
-    (["run", JOB, "--config", "broken.yaml"], "broken.yaml:2: malformed YAML"),
+    (["run", JOB, "--config", "broken.yaml"], "broken.yaml:3: malformed YAML"),
     (["run", JOB, "--config", "config.yaml", "--set", "train.nope=1"], "train.nope"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_launched(tmp_path, write, args, message):
@@ -238,9 +261,10 @@ def test_a_flood_of_output_does_not_grow_the_supervisor(tmp_path, files):
     """256 MB through the pipe: all of it lands in output.log, none of it stays in memory."""
     import resource
 
-    policy, _ = files
+    policy, config = files
     run = tmp_path / "run"
-    p = subprocess.run(ftrain_cmd("run", MISBEHAVE, "--policy", str(policy), "--run-dir", str(run), "--no-ui",
+    p = subprocess.run(ftrain_cmd("run", MISBEHAVE, "--policy", str(policy), "--config", str(config),
+                                  "--run-dir", str(run), "--no-ui",
                                   "--", "flood", "4000"),
                        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
     assert p.returncode == 0

@@ -4,7 +4,8 @@ Config (via ftrain.config): train.steps, train.batch_size, train.grad_accum, tra
 (0: no checkpoints, so torch is never imported), train.sleep (seconds per step).
 Prints "resumed from step N" and "config batch_size=B grad_accum=G" so tests can check
 what each attempt received. argv: optional "spawn-grandchild" starts a sleeping
-grandchild in a session of its own (like torchrun's ranks) before training.
+grandchild in a session of its own (like torchrun's ranks) before training;
+"hang-ignoring-term" hangs at step 3 with SIGTERM ignored.
 """
 
 import os
@@ -30,6 +31,12 @@ for step in range(start, t["steps"]):
     if ftrain.should_skip(step):
         print(f"skipped {step}", flush=True)
         continue
+    if "hang-ignoring-term" in sys.argv and step == 3:
+        import signal
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("hanging, deaf to SIGTERM", flush=True)
+        while True:
+            time.sleep(1)
     time.sleep(t["sleep"])
     ftrain.log(step, loss=1.0 / (step + 1) + 0.01 * (step % 3), grad_norm=0.5)
     if t["ckpt_every"] and ((step + 1) % t["ckpt_every"] == 0 or ftrain.should_stop()):

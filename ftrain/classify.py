@@ -1,0 +1,477 @@
+"""Turn how an attempt ended into one ``FailureKind``, with the lines that prove it.
+
+The most specific evidence wins (DESIGN §5, FAILURES.md):
+
+    text in the tail, in ``PATTERNS`` order   CUDA/ECC → OOM → NCCL → segfault → abort → preemption
+      │ nothing matched
+    death by signal                           SEGV/BUS → segfault, ABRT → aborted,
+      │ not one of those                      KILL → host_oom (cgroup OOM kill) or killed, TERM → preempted
+    a Python traceback                        → exception (its last ``Type: message`` line)
+      │ none
+    anything else non-zero                    → exit_nonzero
+
+A stop that ftrain or the scheduler asked for turns an exit 0, a death by TERM/INT/USR2, or a
+KILL after the grace period into ``preempted``, unless the tail shows a CUDA, OOM or NCCL
+error. Under torchrun the report's root cause (the first rank to fail, its exit code or
+signal, its error file) stands in for torchrun's own exit 1.
+
+Pure and fast: no subprocess, no torch. The only I/O is reading a torchelastic error file
+that the report names and, in ``read_oom_kill_count``, the cgroup's counter.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from ftrain.kinds import Failure, FailureKind
+
+__all__ = ["PATTERNS", "Pattern", "classify", "classify_error_file", "read_oom_kill_count"]
+
+MAX_EVIDENCE = 5      # lines kept per failure
+MAX_LINE = 300        # characters kept per evidence line
+PER_PATTERN = 2       # lines one pattern may contribute (eight ranks print the same timeout)
+ERROR_FILE_LIMIT = 1 << 20
+
+K = FailureKind
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """One piece of text evidence: seeing ``regex`` in the tail means ``kind``.
+
+    ``needle`` is the literal text every match begins with: a plain substring test on it
+    skips the regex for most tails (a 500-line tail is searched by every entry).
+    """
+
+    kind: FailureKind
+    regex: re.Pattern[str]
+    name: str
+    needle: str
+
+
+def _p(kind: FailureKind, name: str, regex: str) -> Pattern:
+    return Pattern(kind, re.compile(regex, re.MULTILINE), name, _leading_literal(regex))
+
+
+def _leading_literal(regex: str) -> str:
+    """The literal prefix of ``regex``: characters up to the first operator, escapes undone,
+    without a last character that a quantifier makes optional."""
+    out: list[str] = []
+    i = 0
+    while i < len(regex):
+        if regex[i] == "\\" and i + 1 < len(regex) and not regex[i + 1].isalnum():
+            char, width = regex[i + 1], 2
+        elif regex[i] in ".^$*+?{}[]()|\\":
+            break
+        else:
+            char, width = regex[i], 1
+        if regex[i + width:i + width + 1] in ("?", "*", "+", "{"):
+            break
+        out.append(char)
+        i += width
+    return "".join(out)
+
+
+# Priority order: the first entry that matches anywhere in the tail decides the kind; the
+# evidence is then every line matched by an entry of that kind, in table order.
+PATTERNS: tuple[Pattern, ...] = (
+    # CUDA's own out-of-memory codes, before the generic "CUDA error:" that they also match.
+    _p(K.CUDA_OOM, "cuda_error_oom", r"CUDA (?:driver )?error: out of memory"),
+    _p(K.CUDA_OOM, "cublas_alloc_failed", r"CUBLAS_STATUS_ALLOC_FAILED"),
+    # CUDA/ECC: after an illegal access or an ECC error the context is dead.
+    _p(K.CUDA_ERROR, "cuda_error", r"CUDA (?:driver )?error: "),
+    _p(K.CUDA_ERROR, "triton_cuda_error", r"Triton Error \[CUDA\]: "),
+    _p(K.CUDA_ERROR, "device_assert", r"block: \[\d+,\d+,\d+\], thread: \[\d+,\d+,\d+\] Assertion `"),
+    _p(K.CUDA_ERROR, "cudnn_error", r"cuDNN (?:error: CUDNN_STATUS_[A-Z_]+|Frontend error: )"),
+    _p(K.CUDA_ERROR, "nvrm_xid", r"NVRM: Xid \(PCI:[^)]*\): \d+,"),
+    # Device OOM. Releases differ: "CUDA out of memory" (one spelt "capacty"), the
+    # device-generic allocator's "Out of memory", XPU, MPS, and NCCL's own cudaMalloc.
+    _p(K.CUDA_OOM, "cuda_alloc_oom", r"CUDA out of memory\. Tried to allocate"),
+    _p(K.CUDA_OOM, "device_alloc_oom", r"Out of memory\. Tried to allocate \S+\. GPU \d+"),
+    _p(K.CUDA_OOM, "xpu_alloc_oom", r"XPU out of memory\. Tried to allocate"),
+    _p(K.CUDA_OOM, "mps_oom", r"MPS backend out of memory"),
+    _p(K.CUDA_OOM, "torch_oom_error", r"torch\.(?:cuda\.)?OutOfMemoryError\b"),
+    _p(K.CUDA_OOM, "nccl_cuda_oom", r"Cuda failure (?:\d+ )?'out of memory'"),
+    # Host OOM.
+    _p(K.HOST_OOM, "cpu_alloc", r"DefaultCPUAllocator: can't allocate memory"),
+    _p(K.HOST_OOM, "memory_error",   # a traceback's last line, bare, after "[rankN]: ", or in torchrun's report
+       r"MemoryError(?:(?<=^MemoryError)|(?<=\]: MemoryError)|(?<=^  MemoryError))(?::|$)"),
+    _p(K.HOST_OOM, "numpy_memory_error", r"_ArrayMemoryError: Unable to allocate"),
+    _p(K.HOST_OOM, "enomem", r"\[Errno 12\] Cannot allocate memory"),
+    _p(K.HOST_OOM, "bad_alloc", r"std::bad_alloc"),
+    _p(K.HOST_OOM, "dataloader_killed", r"DataLoader worker \(pid \d+\) is killed by signal: Killed\b"),
+    _p(K.HOST_OOM, "kernel_oom_kill", r"ut of memory: Killed process \d+"),   # "Out of", "Memory cgroup out of"
+    _p(K.HOST_OOM, "slurm_oom_kill", r"Detected \d+ oom[-_]kill event"),
+    # NCCL / gloo / c10d.
+    _p(K.NCCL_ERROR, "nccl_error_in", r"NCCL error in: \S+:\d+, "),
+    _p(K.NCCL_ERROR, "nccl_result",
+       r"nccl(?:UnhandledCudaError|SystemError|RemoteError|InternalError|InvalidArgument|InvalidUsage)\b"),
+    _p(K.NCCL_ERROR, "nccl_watchdog_timeout", r"Watchdog caught collective operation timeout"),
+    _p(K.NCCL_ERROR, "nccl_watchdog_stuck", r"ProcessGroupNCCL's watchdog got stuck for \d+ seconds"),
+    _p(K.NCCL_ERROR, "nccl_heartbeat", r"Heartbeat monitor timed out"),
+    _p(K.NCCL_ERROR, "nccl_comm_aborted", r"NCCL communicator was aborted"),
+    _p(K.NCCL_ERROR, "gloo_timeout", r"Timed out waiting \d+ms for (?:recv|send) operation to complete"),
+    _p(K.NCCL_ERROR, "gloo_peer_closed", r"Connection closed by peer \["),
+    _p(K.NCCL_ERROR, "dist_error", r"torch\.distributed\.(?:DistBackendError|DistNetworkError|DistStoreError)\b"),
+    # Crashes in native code, as faulthandler, a shell or the DataLoader report them.
+    _p(K.SEGFAULT, "fatal_segv", r"Fatal Python error: (?:Segmentation fault|Bus error)"),
+    # A shell's report of its child: "Segmentation fault (core dumped)", "bash: line 1: 42 Bus error  cmd".
+    _p(K.SEGFAULT, "shell_segv", r"Segmentation fault(?:(?<=^Segmentation fault)|(?<=\d Segmentation fault))"),
+    _p(K.SEGFAULT, "shell_bus_error", r"Bus error(?:(?<=^Bus error)|(?<=\d Bus error))"),
+    _p(K.SEGFAULT, "dataloader_segv",
+       r"DataLoader worker \(pid \d+\) is killed by signal: (?:Segmentation fault|Bus error)"),
+    _p(K.SEGFAULT, "dataloader_worker_fault", r"ERROR: Unexpected (?:segmentation fault|bus error) encountered in worker"),
+    _p(K.ABORTED, "fatal_abort", r"Fatal Python error: Aborted"),
+    _p(K.ABORTED, "cxx_terminate", r"terminate called after throwing an instance of"),
+    _p(K.ABORTED, "dataloader_abort", r"DataLoader worker \(pid \d+\) is killed by signal: Aborted"),
+    # Preemption: the scheduler's word, or torchrun's agent passing on its SIGTERM.
+    _p(K.PREEMPTED, "slurm_cancelled",
+       r"\*\*\* (?:JOB|STEP) \S+ ON \S+ CANCELLED AT \S+ DUE TO (?:PREEMPTION|TIME LIMIT|NODE FAILURE)"),
+    _p(K.PREEMPTED, "torchrun_sigterm", r"SignalException: Process \d+ got signal: (?:15|Signals\.SIGTERM|SIGTERM)\b"),
+    _p(K.PREEMPTED, "torchelastic_death_signal", r"Received (?:15|Signals\.SIGTERM|SIGTERM) death signal"),
+)
+
+# Text that outweighs a requested stop: the job would have failed anyway.
+_STRONG = frozenset({K.CUDA_OOM, K.HOST_OOM, K.CUDA_ERROR, K.NCCL_ERROR})
+# Shells, Slurm, Docker and Kubernetes report a death by signal N as 128+N.
+_SHELL_SIGNALS = {128 + s: s for s in (signal.SIGINT, signal.SIGABRT, signal.SIGBUS, signal.SIGKILL,
+                                       signal.SIGSEGV, signal.SIGTERM)}
+# Deaths a stop request explains: ftrain's TERM (or the shim's USR2), Ctrl-C, KILL after grace.
+_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGUSR2, signal.SIGKILL})
+_STOP_EXCEPTIONS = ("KeyboardInterrupt", "SystemExit", "SignalException")
+
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
+_RANK_PREFIX = re.compile(r"^\[[A-Za-z_]*\d+\]:\s?")
+_TRACEBACK = "Traceback (most recent call last):"
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(?::|$)")
+_ROOT_HEADER = "Root Cause (first observed failure):"
+_ROOT_RANK = re.compile(r"^\s*rank\s*: (\d+) \(local_rank: (\d+)\)")
+_ROOT_EXIT = re.compile(r"^\s*exitcode\s*: (-?\d+) \(pid: (\d+)\)")
+_ROOT_FILE = re.compile(r"^\s*error_file\s*: (.*?)\s*$")
+_ROOT_TRACE = re.compile(r"^\s*traceback\s*: ?(.*)$")
+_AGENT_FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+) \(pid: (\d+)\) of binary:")
+
+
+@dataclass(frozen=True)
+class _RootCause:
+    """The first failed rank of a torchrun report (or of the agent's ``failed`` log line)."""
+
+    exitcode: int
+    pid: int | None
+    rank: int | None
+    lines: tuple[str, ...]          # the report's own lines, for evidence
+    traceback: tuple[str, ...]      # the ``traceback :`` field, de-indented
+    error_file: str | None
+
+
+def classify(
+    returncode: int | None,
+    tail: Sequence[str],
+    *,
+    step: int | None = None,
+    oom_killed: bool = False,
+    stop_requested: bool = False,
+) -> Failure | None:
+    """Classify an ended attempt; None only for a clean success (exit 0, no stop asked).
+
+    ``returncode`` as ``subprocess`` reports it (negative: died by that signal; 128+N from
+    wrappers is read as signal N too). ``tail``: the last lines of the child's combined
+    output. ``oom_killed``: the cgroup's OOM-kill count grew during the attempt.
+    ``stop_requested``: ftrain or the scheduler asked the child to stop.
+    """
+    if returncode == 0 and not stop_requested:
+        return None
+    lines = _clean(tail)
+    text = "\n".join(lines)
+    root = _root_cause(lines, text)
+    if root is not None and root.error_file:
+        message = classify_error_file(root.error_file)
+        if message:   # the rank's own words, should its output have left the tail
+            lines = lines + message.splitlines()
+            text = text + "\n" + message
+    code = root.exitcode if root is not None else returncode
+    sig = _signal_of(code)
+    sig_name = _signal_name(code)
+    died = _signal_line(code, sig_name, root) if sig_name else ""
+
+    def failure(kind: FailureKind, *evidence: str) -> Failure:
+        more = root.lines if root is not None else ()
+        return Failure(kind, exit_code=returncode, signal=sig_name, step=step,
+                       evidence=_finish([*evidence, *more]))
+
+    found = _match_text(text)
+    if found is not None and (found[0] in _STRONG or not stop_requested):
+        return failure(found[0], *found[1], died)
+    if sig is signal.SIGKILL and oom_killed:
+        return failure(K.HOST_OOM, f"{died}; the cgroup recorded an OOM kill")
+    if stop_requested and (code is None or code == 0 or sig in _STOP_SIGNALS):
+        how = died or ("exit status unknown" if code is None else f"exit {code}")
+        return failure(K.PREEMPTED, f"stopped on request; {how}", *(found[1] if found else ()))
+    if found is not None:   # weak text (segfault, abort, preemption) while a stop was asked
+        return failure(found[0], *found[1], died)
+    if sig in (signal.SIGSEGV, signal.SIGBUS):
+        return failure(K.SEGFAULT, died)
+    if sig is signal.SIGABRT:
+        return failure(K.ABORTED, died)
+    if sig is signal.SIGKILL:
+        return failure(K.KILLED, f"{died}; no OOM kill was recorded")
+    if sig is signal.SIGTERM:
+        return failure(K.PREEMPTED, died)
+    exception = _exception(lines, root)
+    if exception is not None:
+        if stop_requested and _exception_type(exception[0]) in _STOP_EXCEPTIONS:
+            return failure(K.PREEMPTED, f"stopped on request; exit {code}", *exception)
+        return failure(K.EXCEPTION, *exception, died)
+    if stop_requested:
+        return failure(K.PREEMPTED, f"stopped on request; exit {code}")
+    if root is not None:
+        return failure(K.EXIT_NONZERO, died)
+    last = next((line.strip() for line in reversed(lines) if line.strip(" =-")), "")
+    return failure(K.EXIT_NONZERO, died or ("exit status unknown" if code is None else f"exit {code}"),
+                   f"last output: {last}" if last else "")
+
+
+def classify_error_file(path: str | Path) -> str | None:
+    """The message of a torchelastic per-rank error file (``@record`` writes it where
+    ``TORCHELASTIC_ERROR_FILE`` points): ``"<Type>: <msg>"``, possibly several lines.
+
+    None for a missing, unreadable, oversized or malformed file.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(ERROR_FILE_LIMIT + 1)
+    except (OSError, ValueError, TypeError):
+        return None
+    if len(raw) > ERROR_FILE_LIMIT:
+        return None
+    try:
+        data = json.loads(raw.decode("utf-8", "replace"))
+    except ValueError:
+        return None
+    message = data.get("message") if isinstance(data, dict) else None
+    if isinstance(message, dict):
+        message = message.get("message")
+    if not isinstance(message, str) or not message.strip():
+        return None
+    return message.strip()
+
+
+def read_oom_kill_count(
+    proc_cgroup: str | Path = "/proc/self/cgroup",
+    cgroup_root: str | Path = "/sys/fs/cgroup",
+) -> int | None:
+    """This process's cgroup OOM-kill counter, or None when it cannot be read.
+
+    cgroup v2: ``memory.events`` line ``oom_kill N`` (also under ``unified/`` on hybrid
+    hosts); v1: ``memory/<path>/memory.oom_control`` line ``oom_kill N``. Inside a container
+    the listed path may not exist below the mount, so the mount's own file is tried last.
+    Sample it before and after an attempt: a grown count with a SIGKILL means host_oom.
+    """
+    root = Path(cgroup_root)
+    try:
+        entries = Path(proc_cgroup).read_text().splitlines()
+    except (OSError, ValueError):
+        return None
+    candidates: list[Path] = []
+    for entry in entries:
+        parts = entry.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hierarchy, controllers, path = parts
+        rel = path.strip().lstrip("/")
+        if hierarchy == "0" and controllers == "":
+            for base in (root, root / "unified"):
+                candidates += [base / rel / "memory.events", base / "memory.events"]
+        elif "memory" in controllers.split(","):
+            candidates += [root / "memory" / rel / "memory.oom_control", root / "memory" / "memory.oom_control"]
+    for candidate in dict.fromkeys(candidates):
+        count = _oom_kill_field(candidate)
+        if count is not None:
+            return count
+    return None
+
+
+# --------------------------------------------------------------------------- helpers
+def _oom_kill_field(path: Path) -> int | None:
+    try:
+        text = path.read_text()
+    except (OSError, ValueError):
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "oom_kill":
+            try:
+                return int(value.strip())
+            except ValueError:
+                return None
+    return None
+
+
+def _clean(tail: Sequence[str]) -> list[str]:
+    """The tail as lines without colour codes; a carriage return starts a new line (progress
+    bars). One join and one split: a tail is hundreds of lines."""
+    text = "\n".join(tail)
+    if "\x00" in text:   # the DataLoader's C signal handler writes its message with the NUL
+        text = text.replace("\x00", "")
+    if "\x1b" in text:
+        text = _ANSI.sub("", text)
+    if "\r" in text:
+        text = text.replace("\r", "\n")
+    return text.split("\n")
+
+
+def _match_text(text: str) -> tuple[FailureKind, list[str]] | None:
+    """The kind of the first table entry seen in ``text`` and the lines that show it."""
+    kind = next((p.kind for p in PATTERNS if p.needle in text and p.regex.search(text)), None)
+    if kind is None:
+        return None
+    evidence: list[str] = []
+    for pattern in PATTERNS:
+        if pattern.kind is not kind:
+            continue
+        taken = 0
+        for m in pattern.regex.finditer(text):
+            start = text.rfind("\n", 0, m.start()) + 1
+            end = text.find("\n", m.end())
+            line = text[start:end if end >= 0 else len(text)]
+            excerpt = _excerpt(line, m.start() - start)
+            if excerpt not in evidence:
+                evidence.append(excerpt)
+                taken += 1
+            if taken >= PER_PATTERN or len(evidence) >= MAX_EVIDENCE:
+                break
+        if len(evidence) >= MAX_EVIDENCE:
+            break
+    return kind, evidence
+
+
+def _excerpt(line: str, at: int = 0) -> str:
+    """At most MAX_LINE characters of ``line``, stripped, keeping the match at ``at`` in view."""
+    at -= len(line) - len(line.lstrip())
+    line = line.strip()
+    if len(line) <= MAX_LINE:
+        return line
+    begin = 0 if at < MAX_LINE - 80 else at - 40
+    return ("…" if begin else "") + line[begin:begin + MAX_LINE - 2].strip() + "…"
+
+
+def _finish(evidence: list[str]) -> tuple[str, ...]:
+    seen: dict[str, None] = {}
+    for line in evidence:
+        line = _excerpt(line)
+        if line:
+            seen.setdefault(line)
+    return tuple(seen)[:MAX_EVIDENCE]
+
+
+def _signal_of(code: int | None) -> signal.Signals | None:
+    if code is None:
+        return None
+    if code < 0:
+        try:
+            return signal.Signals(-code)
+        except ValueError:
+            return None
+    return _SHELL_SIGNALS.get(code)
+
+
+def _signal_name(code: int | None) -> str | None:
+    sig = _signal_of(code)
+    if sig is not None:
+        return sig.name
+    return f"SIG{-code}" if code is not None and code < 0 else None
+
+
+def _signal_line(code: int | None, name: str, root: _RootCause | None) -> str:
+    where = ""
+    if root is not None:
+        where = ", rank " + (str(root.rank) if root.rank is not None else "?") + " under torchrun"
+    return f"died by signal {name} (exit {code}{where})"
+
+
+def _exception_type(line: str) -> str:
+    """``ValueError`` of ``[rank0]: builtins.ValueError: boom``."""
+    return _RANK_PREFIX.sub("", line).split(":", 1)[0].rsplit(".", 1)[-1]
+
+
+def _root_cause(lines: list[str], text: str) -> _RootCause | None:
+    """The root cause of torchrun's failure report, or of its ``failed (exitcode: N)`` log
+    line when the report fell out of the tail. ``text`` is ``lines`` joined."""
+    if _ROOT_HEADER not in text:
+        m = _AGENT_FAILED.search(text)
+        if m is None:
+            return None
+        summary = f"torchrun root cause: local_rank {m.group(2)} exitcode {m.group(1)} (pid {m.group(3)})"
+        return _RootCause(int(m.group(1)), int(m.group(3)), None, (summary,), (), None)
+    header = max(i for i, line in enumerate(lines) if _ROOT_HEADER in line)
+    exitcode = pid = rank = local = None
+    error_file: str | None = None
+    detail: list[str] = []
+    trace: list[str] = []
+    in_trace = False
+    for line in lines[header + 1:]:
+        stripped = line.strip()
+        if stripped and set(stripped) <= {"="}:
+            break
+        if in_trace:
+            trace.append(line[2:] if line.startswith("  ") else line)
+            continue
+        if m := _ROOT_RANK.match(line):
+            rank, local = int(m.group(1)), int(m.group(2))
+        elif m := _ROOT_EXIT.match(line):
+            exitcode, pid = int(m.group(1)), int(m.group(2))
+        elif m := _ROOT_FILE.match(line):
+            error_file = m.group(1) if m.group(1).startswith("/") else None
+        elif m := _ROOT_TRACE.match(line):
+            in_trace = True
+            trace.append(m.group(1))
+            if m.group(1) and not m.group(1).startswith((_TRACEBACK, "To enable traceback")):
+                detail.append(m.group(1))
+    if exitcode is None:
+        return None
+    who = f"rank {rank} (local_rank {local})" if rank is not None else "a rank"
+    summary = f"torchrun root cause: {who} exitcode {exitcode} (pid {pid})"
+    return _RootCause(exitcode, pid, rank, (summary, *detail), tuple(trace), error_file)
+
+
+def _exception(lines: list[str], root: _RootCause | None) -> tuple[str, ...] | None:
+    """The final ``Type: message`` line of the most telling traceback, with its innermost
+    ``File`` line: torchrun's root cause first, then the last one in the tail that is not
+    torchrun's own ``ChildFailedError``."""
+    if root is not None:
+        found = _last_traceback(list(root.traceback))
+        if found is None and root.error_file:
+            message = classify_error_file(root.error_file)
+            if message:
+                found = (message.splitlines()[0],)
+        if found is not None:
+            return found
+    found = _last_traceback(lines, skip="ChildFailedError")
+    if found is None and root is None:   # the report fell out of the tail: better than nothing
+        found = _last_traceback(lines)
+    return found
+
+
+def _last_traceback(lines: list[str], skip: str | None = None) -> tuple[str, ...] | None:
+    for i in range(len(lines) - 1, -1, -1):
+        if _TRACEBACK not in lines[i]:
+            continue
+        where: str | None = None
+        for line in lines[i + 1:i + 400]:
+            body = _RANK_PREFIX.sub("", line)
+            if body[:1].isspace():
+                if body.lstrip().startswith("File "):
+                    where = body.strip()
+                continue
+            if _TRACEBACK in body:
+                break
+            if _EXCEPTION_LINE.match(body):
+                if skip and skip in body.split(":", 1)[0]:
+                    break
+                return (line.strip(), where) if where else (line.strip(),)
+    return None
