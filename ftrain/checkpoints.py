@@ -372,3 +372,59 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def best_of(checkpoints: Iterable[Checkpoint], metric: str, mode: str = "min") -> Checkpoint | None:
+    """The ok checkpoint whose manifest metric is lowest (``min``) or highest (``max``)."""
+    scored = [(c.metrics[metric], c) for c in checkpoints
+              if c.status is CheckpointStatus.OK and isinstance(c.metrics.get(metric), (int, float))
+              and c.metrics[metric] == c.metrics[metric]]  # NaN never wins
+    if not scored:
+        return None
+    pick = min if mode == "min" else max
+    return pick(scored, key=lambda sc: (sc[0], -(sc[1].step or 0) if mode == "min" else sc[1].step or 0))[1]
+
+
+def retain(directory: str | os.PathLike[str], *, keep_last: int | None = None, keep_every: int | None = None,
+           best: tuple[str, str] | None = None, protect: Iterable[int] = ()) -> list[Path]:
+    """Delete the shim's ok checkpoints that retention does not keep; returns what went.
+
+    Kept: the newest ``keep_last``; one per ``keep_every`` steps (the first at or after each
+    multiple); the best by ``best = (metric, mode)``; every step in ``protect`` (those a
+    rollback could need); and always the newest ok. Only ``ok`` checkpoints written by the
+    shim are candidates: unverified, corrupt, partial and quarantined ones are never touched.
+    Without ``keep_last`` and ``keep_every`` nothing is deleted.
+    """
+    if keep_last is None and keep_every is None:
+        return []
+    root = Path(directory)
+    found = [c for c in _scan_live(root, verify=False)
+             if c.status is CheckpointStatus.OK and c.step is not None and c.manifest is not None]
+    if not found:
+        return []
+    found.sort(key=lambda c: c.step)  # type: ignore[arg-type, return-value]
+    keep = {found[-1].step} | set(protect)
+    if keep_last:
+        keep |= {c.step for c in found[-keep_last:]}
+    if keep_every:
+        firsts: dict[int, int] = {}
+        for c in found:
+            firsts.setdefault(c.step // keep_every, c.step)  # type: ignore[operator]
+        keep |= set(firsts.values())
+    if best is not None:
+        winner = best_of(found, *best)
+        if winner is not None:
+            keep.add(winner.step)
+    removed: list[Path] = []
+    for c in found:
+        if c.step in keep:
+            continue
+        for path in (c.manifest, c.path):  # manifest first: a half-deleted pair reads as unverified
+            try:
+                os.unlink(path)  # type: ignore[arg-type]
+                removed.append(Path(path))  # type: ignore[arg-type]
+            except FileNotFoundError:
+                pass
+    if removed:
+        _fsync_dir(root)
+    return removed

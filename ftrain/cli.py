@@ -152,7 +152,8 @@ def policy_check(file: Path, config_path: Path | None) -> None:
             extra.append(f"at most {rule.max}×")
         if rule.action.value == "rollback":
             extra.append(f"margin {rule.margin}, skip {rule.skip_steps} steps")
-        click.echo(f"  {rule.label()}" + (f": {'; '.join(extra)}" if extra else ""))
+        kinds = ", ".join(sorted(k.value for k in rule.kinds))
+        click.echo(f"  {rule.label()} when {kinds}" + (f": {'; '.join(extra)}" if extra else ""))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -78,8 +78,7 @@ class Rule:
     skip_steps: int = 0
 
     def label(self) -> str:
-        kinds = ",".join(sorted(k.value for k in self.kinds))
-        return f"rule {self.index} ({kinds} → {self.action.value})"
+        return f"rule {self.index} ({self.action.value})"
 
 
 @dataclass(frozen=True)

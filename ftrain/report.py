@@ -217,17 +217,20 @@ def print_story(story: RunStory) -> None:
 
     console = Console()
     table = Table(title=f"{story.run_dir}", title_justify="left")
-    for col in ("#", "start", "duration", "to 1st step", "steps", "lost", "from", "ended", "decision",
-                "overrides"):
-        table.add_column(col, justify="right" if col in ("#", "steps", "lost", "from") else "left")
+    for col in ("#", "start", "ran", "1st step", "steps", "lost", "from", "ended", "then"):
+        table.add_column(col, justify="right" if col in ("#", "lost", "from") else "left", no_wrap=True)
     for a in story.attempts:
-        reached = "-" if a.last_step is None else f"{a.first_step}→{a.last_step}"
-        over = ", ".join(f"{k}={_fmt_v(v)}" for k, v in a.overrides.items()) or "-"
+        reached = "-" if a.last_step is None else f"{a.first_step}-{a.last_step}"
         table.add_row(str(a.attempt), _fmt_t(a.start), _fmt_s(a.duration), _fmt_s(a.time_to_first_step), reached,
                       str(a.steps_lost), "-" if a.resume_step is None else str(a.resume_step),
-                      a.kind or ("ok" if a.end else "running"), a.decision or "-", over)
+                      a.kind or ("ok" if a.end else "running"), a.decision or "-")
     console.print(table)
+    previous: dict[str, Any] = {}
     for a in story.attempts:
+        changed = {k: v for k, v in a.overrides.items() if previous.get(k) != v}
+        if changed:
+            console.print(f"  attempt {a.attempt} ran with " + ", ".join(f"{k}={_fmt_v(v)}" for k, v in changed.items()))
+        previous = a.overrides
         if a.reason:
             console.print(f"  attempt {a.attempt}: {a.reason}")
     for an in story.anomalies:
@@ -247,26 +250,31 @@ def print_checkpoints(path: Path, found: Sequence[checkpoints.Checkpoint]) -> No
 
     console = Console()
     chosen = checkpoints.newest_usable(found)
-    best = getattr(checkpoints, "best_of", None)
+    foreign = any(ckptfmt.parse_step(Path(c.path).name) is None for c in found)
     table = Table(title=str(path), title_justify="left")
-    for col in ("", "step", "time", "size", "attempt", "metrics", "status", "file"):
-        table.add_column(col, justify="right" if col in ("step", "size", "attempt") else "left")
+    columns = ["", "step", "saved", "size", "att", "metrics", "status"] + (["file"] if foreign else [])
+    for col in columns:
+        table.add_column(col, justify="right" if col in ("step", "size", "att") else "left",
+                         no_wrap=col not in ("metrics", "file"), min_width=10 if col == "metrics" else None)
     colors = {"ok": "green", "corrupt": "red", "partial": "red", "unverified": "yellow", "quarantined": "magenta"}
     for c in found:
         mark = "→" if chosen is not None and c.path == chosen.path else ""
-        metrics = ", ".join(f"{k}={_fmt_v(v)}" for k, v in list((c.metrics or {}).items())[:3]) or "-"
+        metrics = ", ".join(f"{k}={_fmt_v(v)}" for k, v in list((c.metrics or {}).items())[:2]) or "-"
         status = c.status.value
-        note = getattr(c, "note", None)
-        table.add_row(mark, "-" if c.step is None else str(c.step), _fmt_t(c.t), _size(c.bytes),
-                      "-" if c.attempt is None else str(c.attempt), metrics,
-                      f"[{colors.get(status, 'white')}]{status}[/]" + (f" ({note})" if note else ""),
-                      str(Path(c.path).relative_to(path)) if Path(c.path).is_relative_to(path) else str(c.path))
+        row = [mark, "-" if c.step is None else str(c.step), _fmt_t(c.t), _size(c.bytes),
+               "-" if c.attempt is None else str(c.attempt), metrics, f"[{colors.get(status, 'white')}]{status}[/]"]
+        if foreign:
+            row.append(Path(c.path).name)
+        table.add_row(*row)
     console.print(table)
+    for c in found:
+        note = getattr(c, "note", None)
+        if note and c.status is not checkpoints.CheckpointStatus.OK:
+            console.print(f"  {Path(c.path).name}: {c.status.value}: {note}")
     if chosen is not None:
         console.print(f"→ a restart would resume from {Path(chosen.path).name} (step {chosen.step})")
     else:
         console.print("no usable checkpoint: a restart would start from scratch")
-    del best
 
 
 def _size(n: int | None) -> str:

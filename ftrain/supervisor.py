@@ -169,6 +169,7 @@ class AttemptWatch:
     first_step_t: float | None = None
     fired: list[tuple[str, int | None]] = field(default_factory=list)
     stop_requested: bool = False
+    saves: int = 0
     config_digest: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     rate: float | None = None
@@ -183,6 +184,8 @@ class AttemptWatch:
                 self.stop_requested = True
             elif control == "config":
                 self.config_digest = record.get("digest")
+            elif control == "save_end" and record.get("path"):
+                self.saves += 1
             return
         step = record.get("step")
         if not isinstance(step, int) or isinstance(step, bool):
@@ -577,6 +580,7 @@ class Supervisor:
     def _ingest(self, tailer: Tailer, watch: AttemptWatch, n: int, ignored: set, act: bool = True) -> Anomaly | None:
         now = time.monotonic()
         found: Anomaly | None = None
+        saves = watch.saves
         for record in tailer.read_new():
             watch.see(record, now)
             for listener in self.listeners:
@@ -587,7 +591,30 @@ class Supervisor:
                     found = anomaly
                     break
                 self._record_anomaly(anomaly, n)
+        if watch.saves != saves:
+            self._retain(watch)
         return found
+
+    def _retain(self, watch: AttemptWatch) -> None:
+        """Apply the policy's checkpoint retention, never deleting what a rollback could need:
+        for each rollback margin, the newest checkpoint that far behind the newest step, and
+        the checkpoints earlier rollbacks resumed from."""
+        keep = self.policy.checkpoints
+        if keep.keep_last is None and keep.keep_every is None:
+            return
+        newest = watch.max_step if watch.max_step is not None else 0
+        protect = {step for _, step in self.state.rollbacks if step is not None}
+        if self.state.resume_step is not None:
+            protect.add(self.state.resume_step)
+        found = [c for c in checkpoints.scan(self.checkpoint_dir, verify=False)
+                 if c.status.usable and c.step is not None]
+        for margin in {r.margin for r in self.policy.rules if r.action is Action.ROLLBACK}:
+            behind = checkpoints.newest_usable(found, max_step=newest - margin)
+            if behind is not None and behind.step is not None:
+                protect.add(behind.step)
+        best = (keep.keep_best_metric, keep.keep_best_mode) if keep.keep_best_metric else None
+        checkpoints.retain(self.checkpoint_dir, keep_last=keep.keep_last, keep_every=keep.keep_every,
+                           best=best, protect=protect)
 
     def _act_on(self, anomaly: Anomaly, n: int, ignored: set) -> bool:
         """Journal an anomaly; True if the attempt must be stopped for it."""

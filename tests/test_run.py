@@ -254,7 +254,7 @@ def test_finished_run_dir_is_refused(tmp_path, files):
 def test_policy_check_ok_explains(tmp_path, files):
     policy, config = files
     p = run_ftrain("policy", "check", str(policy), "--config", str(config), cwd=tmp_path)
-    assert p.returncode == 0 and "ok" in p.stdout and "rule 1 (cuda_oom → restart)" in p.stdout
+    assert p.returncode == 0 and "ok" in p.stdout and "rule 1 (restart) when cuda_oom" in p.stdout
 
 
 def test_a_flood_of_output_does_not_grow_the_supervisor(tmp_path, files):

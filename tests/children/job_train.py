@@ -22,6 +22,9 @@ print(f"config batch_size={t['batch_size']} grad_accum={t['grad_accum']} lr={cfg
 if "spawn-grandchild" in sys.argv:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True)
     print(f"grandchild {child.pid}", flush=True)
+if "deaf-to-term" in sys.argv:  # a trainer that ignores SIGTERM (and so outlives a dead supervisor)
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 start = 0
 state = ftrain.load_checkpoint() if t["ckpt_every"] else None
 if state is not None:
