@@ -11,6 +11,7 @@ windows, and a clean save-and-exit on preemption. It also runs without ftrain:
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +22,8 @@ import torch.nn.functional as F
 import ftrain
 
 DEFAULTS = {
-    "data": {"path": str(Path(__file__).parent / "data" / "tinyshakespeare.txt"), "corrupt_steps": ""},
+    "data": {"path": str(Path(__file__).parent / "data" / "tinyshakespeare.txt"), "corrupt_steps": "",
+             "corrupt_scale": 1e38},
     "model": {"dim": 64, "heads": 4, "layers": 2, "context": 64},
     "train": {"steps": 300, "batch_size": 32, "grad_accum": 1, "ckpt_every": 25, "seed": 1234,
               "clip": 1.0, "threads": 1},
@@ -66,14 +68,50 @@ def batch(data: torch.Tensor, step: int, micro: int, cfg: dict, corrupt: bool) -
     return x, y
 
 
+def forward_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
+    """Cross-entropy; ``scale`` != 1 stands for a corrupted record whose values overflow (a bad
+    fp16 sample, a broken image): the loss explodes and the gradients poison the weights."""
+    logits = model(x)
+    if scale != 1.0:
+        logits = logits * scale
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+
+def apply_cli(cfg: dict, args: list[str]) -> None:
+    """``key.sub=value`` arguments, for running without ftrain: ``python train_charlm.py train.steps=50``."""
+    for arg in args:
+        key, _, raw = arg.partition("=")
+        *parents, leaf = key.split(".")
+        node = cfg
+        for part in parents:
+            node = node[part]
+        node[leaf] = type(node[leaf])(raw) if node.get(leaf) is not None else raw
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: torch.Tensor, cfg: dict, batches: int = 8) -> float:
+    """Mean loss on fixed batches of ``data`` (the held-out text after the training slice)."""
+    ctx = cfg["model"]["context"]
+    g = torch.Generator().manual_seed(7)
+    losses = []
+    for _ in range(batches):
+        ix = torch.randint(len(data) - ctx - 1, (32,), generator=g)
+        x = torch.stack([data[i:i + ctx] for i in ix])
+        y = torch.stack([data[i + 1:i + ctx + 1] for i in ix])
+        losses.append(F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item())
+    return sum(losses) / len(losses)
+
+
 def main() -> None:
     cfg = ftrain.config(defaults=DEFAULTS)
+    apply_cli(cfg, sys.argv[1:])
     torch.set_num_threads(cfg["train"]["threads"])
     torch.manual_seed(cfg["train"]["seed"])
     text = Path(cfg["data"]["path"]).read_text()
     chars = sorted(set(text))
     index = {c: i for i, c in enumerate(chars)}
     data = torch.tensor([index[c] for c in text[:200_000]], dtype=torch.long)
+    held_out = torch.tensor([index[c] for c in text[200_000:260_000]], dtype=torch.long)
     m = cfg["model"]
     model = CharLM(len(chars), m["dim"], m["heads"], m["layers"], m["context"])
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["optim"]["lr"], weight_decay=cfg["optim"]["weight_decay"])
@@ -99,7 +137,7 @@ def main() -> None:
         total = 0.0
         for micro in range(accum):
             x, y = batch(data, step, micro, cfg, bad)
-            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten()) / accum
+            loss = forward_loss(model, x, y, cfg["data"]["corrupt_scale"] if bad else 1.0) / accum
             loss.backward()
             total += loss.item()
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg["train"]["clip"])
@@ -113,7 +151,8 @@ def main() -> None:
         if ftrain.should_stop():
             print(f"asked to stop: saved step {step}, leaving", flush=True)
             return
-    print(f"done: final loss {total:.3f} ({time.time() - t0:.1f}s)", flush=True)
+    print(f"done: final loss {total:.3f}, eval loss {evaluate(model, held_out, cfg):.4f} ({time.time() - t0:.1f}s)",
+          flush=True)
     if math.isnan(total):
         raise SystemExit(1)
 
