@@ -92,7 +92,7 @@ PATTERNS: tuple[Pattern, ...] = (
     # Device OOM. Releases differ: "CUDA out of memory" (one spelt "capacty"), the
     # device-generic allocator's "Out of memory", XPU, MPS, and NCCL's own cudaMalloc.
     _p(K.CUDA_OOM, "cuda_alloc_oom", r"CUDA out of memory\. Tried to allocate"),
-    _p(K.CUDA_OOM, "device_alloc_oom", r"Out of memory\. Tried to allocate \S+\. GPU \d+"),
+    _p(K.CUDA_OOM, "device_alloc_oom", r"Out of memory\. Tried to allocate \d[\d.]* \w+\. GPU \d+"),
     _p(K.CUDA_OOM, "xpu_alloc_oom", r"XPU out of memory\. Tried to allocate"),
     _p(K.CUDA_OOM, "mps_oom", r"MPS backend out of memory"),
     _p(K.CUDA_OOM, "torch_oom_error", r"torch\.(?:cuda\.)?OutOfMemoryError\b"),
@@ -125,7 +125,8 @@ PATTERNS: tuple[Pattern, ...] = (
     _p(K.SEGFAULT, "shell_bus_error", r"Bus error(?:(?<=^Bus error)|(?<=\d Bus error))"),
     _p(K.SEGFAULT, "dataloader_segv",
        r"DataLoader worker \(pid \d+\) is killed by signal: (?:Segmentation fault|Bus error)"),
-    _p(K.SEGFAULT, "dataloader_worker_fault", r"ERROR: Unexpected (?:segmentation fault|bus error) encountered in worker"),
+    _p(K.SEGFAULT, "dataloader_worker_fault",
+       r"ERROR: Unexpected (?:segmentation fault|bus error) encountered in worker"),
     _p(K.ABORTED, "fatal_abort", r"Fatal Python error: Aborted"),
     _p(K.ABORTED, "cxx_terminate", r"terminate called after throwing an instance of"),
     _p(K.ABORTED, "dataloader_abort", r"DataLoader worker \(pid \d+\) is killed by signal: Aborted"),
@@ -189,11 +190,10 @@ def classify(
     lines = _clean(tail)
     text = "\n".join(lines)
     root = _root_cause(lines, text)
-    if root is not None and root.error_file:
-        message = classify_error_file(root.error_file)
-        if message:   # the rank's own words, should its output have left the tail
-            lines = lines + message.splitlines()
-            text = text + "\n" + message
+    message = classify_error_file(root.error_file) if root is not None and root.error_file else None
+    if message:   # the failed rank's own words, should its output have left the tail
+        lines = lines + message.splitlines()
+        text = text + "\n" + message
     code = root.exitcode if root is not None else returncode
     sig = _signal_of(code)
     sig_name = _signal_name(code)
@@ -222,7 +222,7 @@ def classify(
         return failure(K.KILLED, f"{died}; no OOM kill was recorded")
     if sig is signal.SIGTERM:
         return failure(K.PREEMPTED, died)
-    exception = _exception(lines, root)
+    exception = _exception(lines, root, message)
     if exception is not None:
         if stop_requested and _exception_type(exception[0]) in _STOP_EXCEPTIONS:
             return failure(K.PREEMPTED, f"stopped on request; exit {code}", *exception)
@@ -361,6 +361,7 @@ def _excerpt(line: str, at: int = 0) -> str:
 
 
 def _finish(evidence: list[str]) -> tuple[str, ...]:
+    """Trimmed, non-empty, each once, at most MAX_EVIDENCE."""
     seen: dict[str, None] = {}
     for line in evidence:
         line = _excerpt(line)
@@ -409,7 +410,10 @@ def _root_cause(lines: list[str], text: str) -> _RootCause | None:
         summary = f"torchrun root cause: local_rank {m.group(2)} exitcode {m.group(1)} (pid {m.group(3)})"
         return _RootCause(int(m.group(1)), int(m.group(3)), None, (summary,), (), None)
     header = max(i for i, line in enumerate(lines) if _ROOT_HEADER in line)
-    exitcode = pid = rank = local = None
+    exitcode: int | None = None
+    pid: int | None = None
+    rank: int | None = None
+    local: int | None = None
     error_file: str | None = None
     detail: list[str] = []
     trace: list[str] = []
@@ -439,16 +443,14 @@ def _root_cause(lines: list[str], text: str) -> _RootCause | None:
     return _RootCause(exitcode, pid, rank, (summary, *detail), tuple(trace), error_file)
 
 
-def _exception(lines: list[str], root: _RootCause | None) -> tuple[str, ...] | None:
+def _exception(lines: list[str], root: _RootCause | None, error_message: str | None) -> tuple[str, ...] | None:
     """The final ``Type: message`` line of the most telling traceback, with its innermost
-    ``File`` line: torchrun's root cause first, then the last one in the tail that is not
-    torchrun's own ``ChildFailedError``."""
+    ``File`` line: torchrun's root cause (its report, else its error file) first, then the
+    last one in the tail that is not torchrun's own ``ChildFailedError``."""
     if root is not None:
         found = _last_traceback(list(root.traceback))
-        if found is None and root.error_file:
-            message = classify_error_file(root.error_file)
-            if message:
-                found = (message.splitlines()[0],)
+        if found is None and error_message:
+            found = (error_message.splitlines()[0],)
         if found is not None:
             return found
     found = _last_traceback(lines, skip="ChildFailedError")
@@ -458,6 +460,9 @@ def _exception(lines: list[str], root: _RootCause | None) -> tuple[str, ...] | N
 
 
 def _last_traceback(lines: list[str], skip: str | None = None) -> tuple[str, ...] | None:
+    """The last complete traceback's exception line (and innermost ``File`` line), skipping
+    one whose exception type contains ``skip``. Frames are indented; anything else that
+    does not look like ``Type: message`` (interleaved logging) is passed over."""
     for i in range(len(lines) - 1, -1, -1):
         if _TRACEBACK not in lines[i]:
             continue

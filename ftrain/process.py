@@ -134,7 +134,7 @@ class Child:
         else:
             time.sleep(timeout)
         now = time.monotonic()
-        if now - self._last_scan > 0.5:
+        if now - self._last_scan > (2.0 if _subreaper else 0.5):  # orphans come to a subreaper anyway
             self._scan_descendants()
             self._last_scan = now
         if self.returncode is None:

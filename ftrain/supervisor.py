@@ -261,12 +261,11 @@ class RunLock:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
+    """Write to a temporary name, then rename into place: a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
         json.dump(data, f, indent=2, default=str)
         f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -645,7 +644,7 @@ class Supervisor:
         oom_after = read_oom_kill_count()
         oom_killed = oom_before is not None and oom_after is not None and oom_after > oom_before
         failure = None
-        if self.dist is not None and exit_.returncode != 0 and not (watch.stop_requested or interrupted):
+        if self.dist is not None and exit_.returncode != 0 and not interrupted:   # ranks' TERMs are torchrun's
             failure = self.dist.root_cause(child.tail_lines(), step=watch.last_step, oom_killed=oom_killed)
         failure = failure or classify(exit_.returncode, child.tail_lines(), step=watch.last_step,
                                       oom_killed=oom_killed, stop_requested=watch.stop_requested or interrupted)
