@@ -50,6 +50,39 @@ def become_subreaper() -> bool:
     return _subreaper
 
 
+def descendants(pid: int) -> list[int]:
+    """All descendants of ``pid``, read from ``/proc/<pid>/task/*/children`` (cheap: no scan
+    of every process); falls back to psutil where that file does not exist."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return [p.pid for p in _psutil_children(pid)]
+        for tid in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children") as f:
+                    kids = [int(x) for x in f.read().split()]
+            except FileNotFoundError:
+                continue
+            except OSError:
+                return [p.pid for p in _psutil_children(pid)]
+            out.extend(kids)
+            todo.extend(kids)
+    return out
+
+
+def _psutil_children(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
 def _child_setup(parent: int) -> Callable[[], None] | None:
     """Runs in the child between fork and exec: die (politely) with the supervisor."""
     if _prctl is None:
@@ -115,7 +148,7 @@ class Child:
             raise
         self.pid = self.proc.pid
         self._known: dict[int, float] = {}
-        self._last_scan = 0.0
+        self._last_scan = time.monotonic()
         self._sel = selectors.DefaultSelector()
         for stream, is_err in ((self.proc.stdout, False), (self.proc.stderr, True)):
             assert stream is not None
@@ -197,14 +230,12 @@ class Child:
     def _scan_descendants(self) -> None:
         """Remember every descendant (pid, create time), so one that leaves the group or
         the tree (``setsid``, reparenting) can still be found and stopped."""
-        try:
-            for p in psutil.Process(self.pid).children(recursive=True):
+        for pid in descendants(self.pid):
+            if pid not in self._known:
                 try:
-                    self._known.setdefault(p.pid, p.create_time())
+                    self._known[pid] = psutil.Process(pid).create_time()
                 except psutil.Error:
                     pass
-        except psutil.Error:
-            pass
 
     def _members(self) -> list[psutil.Process]:
         """Every live process of this attempt we can name."""
@@ -216,18 +247,16 @@ class Child:
                     found[pid] = p
             except psutil.Error:
                 pass
-        try:
-            for p in psutil.Process(self.pid).children(recursive=True):
-                found.setdefault(p.pid, p)
-        except psutil.Error:
-            pass
-        if _subreaper:  # orphans of the attempt were adopted by us; we run one attempt at a time
-            try:
-                for p in psutil.Process().children(recursive=True):
-                    if p.pid != self.pid and p.status() != psutil.STATUS_ZOMBIE:
-                        found.setdefault(p.pid, p)
-            except psutil.Error:
-                pass
+        roots = [self.pid] + ([os.getpid()] if _subreaper else [])  # a subreaper adopts the orphans
+        for root in roots:
+            for pid in descendants(root):
+                if pid != self.pid and pid not in found:
+                    try:
+                        p = psutil.Process(pid)
+                        if p.status() != psutil.STATUS_ZOMBIE:
+                            found[pid] = p
+                    except psutil.Error:
+                        pass
         return list(found.values())
 
     def signal(self, sig: int, *, group: bool = True) -> None:
