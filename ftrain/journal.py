@@ -40,11 +40,12 @@ class RunStatus(str, enum.Enum):
     INTERRUPTED = "interrupted"
 
 
-# fsync at the end of each attempt (which follows its failure and decision) and of the run:
-# one flush per restart keeps the restart gap short. A supervisor killed by a signal loses
-# nothing either way (the lines are in the page cache); only power loss can cost the
-# events since the last attempt_end, and a resume then replays that attempt.
-_DURABLE = {Event.ATTEMPT_END, Event.RUN_END}
+# fsync once per attempt, when it has started (which also flushes the previous attempt's
+# failure, decision and end), and at the run's end: the flush falls outside the restart gap
+# (child exit -> next child exec). A supervisor killed by a signal loses nothing either way
+# (the lines are in the page cache); only power loss can cost the events since the last
+# attempt_start, and a resume then replays that attempt.
+_DURABLE = {Event.ATTEMPT_START, Event.RUN_END}
 
 
 class Journal:
