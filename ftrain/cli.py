@@ -138,10 +138,15 @@ def policy_check(file: Path, config_path: Path | None) -> None:
     from ftrain.policy import load_policy
 
     pol = load_policy(file)
-    if config_path is not None:
-        problems = pol.check_config(load_config(config_path))
+    config = load_config(config_path) if config_path is not None else None
+    if config is not None:
+        problems = pol.check_config(config)
         if problems:
             raise PolicyError(problems)
+    if pol.script:
+        from ftrain.adapter import ScriptAdapter
+
+        ScriptAdapter.from_policy(pol.script, source=pol.source, config=config)
     click.echo(f"{file}: ok — {len(pol.rules)} rule(s), max_restarts {pol.max_restarts}, "
                f"no_progress {pol.no_progress}")
     for rule in pol.rules:

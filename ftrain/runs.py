@@ -71,6 +71,7 @@ def start_run(*, script: str, script_args: tuple[str, ...], policy_path: Path | 
     if spec is not None:   # node K > 0 of several keeps its own records inside the job's folder
         run_dir = node_dir(spec, job_dir)
     check_fresh_run_dir(run_dir)
+    adapter = make_adapter(policy, config, cwd=Path.cwd(), run_dir=run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -79,7 +80,6 @@ def start_run(*, script: str, script_args: tuple[str, ...], policy_path: Path | 
                         script_args=script_args, config_path=str(config_path) if config_path else None,
                         sets=dict(overrides.parse_set(s) for s in sets),
                         tensorboard=str(tensorboard.resolve()) if tensorboard else None)
-    adapter = make_adapter(policy, config)
     listeners = make_listeners(tensorboard)
     become_subreaper()
     dist = make_distributed(spec, run_dir, job_dir) if spec is not None else None
@@ -104,13 +104,14 @@ def _supervise(supervisor: Supervisor, *, resuming: bool = False) -> int:
         dist.close()
 
 
-def make_adapter(policy: Any, config: dict[str, Any]) -> Any:
+def make_adapter(policy: Any, config: dict[str, Any] | None, *, cwd: Path | None = None,
+                 run_dir: Path | None = None) -> Any:
     """The driver for a script without the shim, from the policy's ``script:`` section."""
     if not policy.script:
         return None
     from ftrain.adapter import ScriptAdapter
 
-    return ScriptAdapter.from_policy(policy.script, source=policy.source, config=config)
+    return ScriptAdapter.from_policy(policy.script, source=policy.source, config=config, cwd=cwd, run_dir=run_dir)
 
 
 def make_listeners(tensorboard: Path | None) -> list[Any]:
@@ -198,7 +199,7 @@ def resume_run(run_dir: Path | None, *, max_restarts: int | None, no_ui: bool) -
                         base_config=info.get("base_config") or {}, script=info.get("script", ""),
                         script_args=tuple(info.get("args") or ()), config_path=info.get("config_path"),
                         sets=info.get("sets") or {})
-    adapter = make_adapter(policy, state.config)
+    adapter = make_adapter(policy, state.config, cwd=launch.cwd, run_dir=run_dir)
     tb = info.get("tensorboard")
     become_subreaper()
     spec = DistSpec.from_json(info["distributed"]) if info.get("distributed") else None

@@ -59,6 +59,9 @@ class ScriptAdapter(Protocol):
     def env(self, config: Mapping[str, Any], attempt_dir: Path) -> dict[str, str]: ...
     def parse_line(self, line: str) -> dict[str, Any] | None: ...
     def checkpoints(self, cwd: Path) -> list[Any]: ...
+    def vet_decision(self, decision: Decision, found: Sequence[Any]) -> Decision: ...
+    @property
+    def delivers_config(self) -> bool: ...
     @property
     def reads_output(self) -> bool: ...
     @property
@@ -390,7 +393,8 @@ class Supervisor:
                 def decide(f: Failure) -> Decision:
                     return self.policy.decide(f, self.state.history(), self._usable_checkpoints())
 
-                failure, agreed = self.dist.agree(n, failure, interrupted=self._signal is not None, decide=decide)
+                failure, agreed = self.dist.agree(n, failure, interrupted=lambda: self._signal is not None,
+                                                  decide=decide)
             progress = watch.max_step is not None and (self.state.best_step is None
                                                        or watch.max_step > self.state.best_step)
             if n > 1 or self.state.restarts > 0:
@@ -413,6 +417,8 @@ class Supervisor:
 
             ckpts = self._usable_checkpoints()
             decision = agreed or self.policy.decide(failure, self.state.history(), ckpts)
+            if self.adapter is not None:
+                decision = self.adapter.vet_decision(decision, ckpts)
             if decision.action is Action.IGNORE:
                 # An ignored anomaly that ended the attempt (exit 0 with NaN last): the script finished.
                 self._journal_decision(n, decision, failure)
@@ -555,7 +561,8 @@ class Supervisor:
             where = f"at step {failure.step}" if failure.step is not None else "before its first step"
             self._say(f"attempt {n} failed: {failure.kind.value} {where}"
                       + (f" — {failure.evidence[0]}" if failure.evidence else ""), "error")
-        if watch.max_step is not None and self.state.overrides and watch.config_digest is None:
+        delivered = self.adapter is not None and self.adapter.delivers_config
+        if watch.max_step is not None and self.state.overrides and watch.config_digest is None and not delivered:
             self._say("the script logged steps but never called ftrain.config(): "
                       "the overrides may not have reached it", "warn")
         return failure, exit_, watch

@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 [ -d .venv ] || python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install -q torch==2.13.0
-python -m pip install -q -e '.[test]'
+python -m pip install -q -e '.[test]' torch==2.13.0   # torch pinned: the extras must not move it
 python -m pytest -q "$@"

@@ -1,0 +1,600 @@
+"""Driving a script that does not use the shim: the policy's ``script:`` section (DESIGN §6).
+
+A third-party training script knows nothing of ftrain. ``ScriptAdapter`` tells the
+supervisor how to reach it anyway:
+
+* overrides reach it as command-line flags (``args``), as a config file it reads
+  (``config_file``), or as environment variables (``env``);
+* a restart from a checkpoint adds ``resume_args`` naming the chosen file;
+* its own checkpoints are found by ``checkpoints`` globs, relative to the run's working
+  directory, so restarts and rollbacks pick from them;
+* its progress lines become metrics records through ``metrics_regex``, so every detector
+  (NaN, threshold, spike, hang) works as with the shim.
+
+Templates are split like a shell line into argv items, then each item's ``{placeholders}``
+are filled: ``{key}`` (dotted config key), ``{name}`` (its last part), ``{KEY}`` /
+``{NAME}`` (upper case, dots → underscores), ``{value}``; in ``resume_args`` also
+``{checkpoint}`` and ``{checkpoint_dir}``; any other name is a dotted key of the config
+(``--lr={optim.lr}``). ``{{`` and ``}}`` are literal braces. A template that uses a
+per-key placeholder is rendered once for every leaf key of the effective config.
+
+Nothing here imports torch or touches a process.
+"""
+
+from __future__ import annotations
+
+import enum
+import glob
+import json
+import math
+import os
+import re
+import shlex
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import yaml
+
+from ftrain import ckptfmt, overrides
+from ftrain.checkpoints import Checkpoint, CheckpointStatus
+from ftrain.errors import PolicyError
+from ftrain.policy import Action, Decision, _Checker, _line_map
+
+__all__ = ["MissingCheckpoint", "SCRIPT_KEYS", "ScriptAdapter", "render_value"]
+
+SCRIPT_KEYS = ("args", "config_file", "env", "resume_args", "checkpoints", "on_missing_checkpoint",
+               "metrics_regex")
+LEAF_FIELDS = frozenset({"key", "name", "KEY", "NAME", "value"})
+RESUME_FIELDS = frozenset({"checkpoint", "checkpoint_dir"})
+RESERVED_METRICS = frozenset({"t", "attempt", "rank", "ftrain"})
+CONFIG_FILE_SUFFIXES = (".yaml", ".yml", ".json")
+_FIELD_RE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+_READ_BACK = 1 << 20   # bytes per backward read of metrics.jsonl
+# File times come from the kernel's coarse clock, up to a tick (1-10 ms) behind the write;
+# a metrics line read within that much after a file's mtime may still predate the file.
+MTIME_SLACK = 0.01
+
+
+class MissingCheckpoint(str, enum.Enum):
+    """What a restart does when ``checkpoints:`` matches nothing of this run.
+
+    ``fresh``  say so and start the script from scratch (no ``resume_args``).
+    ``stop``   end the run: the script cannot be trusted to start over (it would
+               overwrite earlier work, or a fresh start would waste days).
+    """
+
+    FRESH = "fresh"
+    STOP = "stop"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Template:
+    """One template: its text split into argv items, and the placeholder names it uses."""
+
+    text: str
+    items: tuple[str, ...]
+    fields: frozenset[str]
+
+    @classmethod
+    def parse(cls, text: str, *, split: bool = True) -> Template:
+        """Split ``text`` like a shell line (unless ``split`` is false); ValueError naming a
+        stray brace, an empty ``{}`` or an unclosed quote."""
+        try:
+            items = tuple(shlex.split(text)) if split else (text,)
+        except ValueError as exc:   # an unclosed quote
+            raise ValueError(f"{text!r}: {exc}") from None
+        names: set[str] = set()
+        for item in items:
+            for match in _FIELD_RE.finditer(item):
+                token = match.group(0)
+                if token in ("{{", "}}"):
+                    continue
+                if match.group(1) is None:
+                    raise ValueError(f"stray {token!r} in {text!r} (write {token * 2} for a literal brace)")
+                name = match.group(1).strip()
+                if not name:
+                    raise ValueError(f"empty {{}} in {text!r}")
+                names.add(name)
+        return cls(text, items, frozenset(names))
+
+    @property
+    def per_leaf(self) -> bool:
+        return bool(self.fields & LEAF_FIELDS)
+
+    def render(self, lookup: Callable[[str], str]) -> list[str]:
+        return [_FIELD_RE.sub(lambda m: m.group(0)[0] if m.group(1) is None else lookup(m.group(1).strip()), item)
+                for item in self.items]
+
+
+def render_value(value: Any) -> str:
+    """A config value as text a Python script reads back: ``True``, ``None``, ``0.0003``,
+    ``nan``; lists and mappings as JSON."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, default=str)
+    return str(value)
+
+
+def leaves(config: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(dotted key, value)`` of every leaf of a nested config, in the config's order."""
+    for key, value in config.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            yield from leaves(value, dotted + ".")
+        else:
+            yield dotted, value
+
+
+def env_name(key: str) -> str:
+    """``train.batch_size`` → ``TRAIN_BATCH_SIZE``."""
+    return key.upper().replace(".", "_")
+
+
+def _leaf_lookup(key: str, value: Any, config: Mapping[str, Any]) -> Callable[[str], str]:
+    """Placeholder values for the leaf ``key``; other names are keys of ``config``."""
+    name = key.rsplit(".", 1)[-1]
+    fields = {"key": key, "name": name, "KEY": env_name(key), "NAME": env_name(name), "value": render_value(value)}
+    return lambda n: fields[n] if n in fields else render_value(overrides.get_key(config, n))
+
+
+class ScriptAdapter:
+    """How the supervisor drives one script without the shim; built by ``from_policy``.
+
+    ``cwd`` is the run's working directory, where ``config_file`` is written (default: the
+    one ``run.json`` records, else the current one). ``run_dir`` (default: learnt from the
+    first ``env`` call) lets a checkpoint whose name carries no step be placed by the
+    metrics logged before it was written, and leaves out files older than the run.
+    """
+
+    def __init__(self, *, source: str, args: Sequence[Template] = (), resume_args: Sequence[Template] = (),
+                 config_file: str | None = None, env_each: Template | None = None,
+                 env_fixed: Mapping[str, Template] | None = None, patterns: Sequence[str] = (),
+                 on_missing: MissingCheckpoint = MissingCheckpoint.FRESH,
+                 regexes: Sequence[re.Pattern[str]] = (), cwd: Path | None = None,
+                 run_dir: Path | None = None) -> None:
+        self.source = source
+        self.args = tuple(args)
+        self.resume_args = tuple(resume_args)
+        self.config_file = config_file
+        self.env_each = env_each
+        self.env_fixed = dict(env_fixed or {})
+        self.patterns = tuple(patterns)
+        self.on_missing = on_missing
+        self.regexes = tuple(regexes)
+        self.cwd = Path(cwd) if cwd is not None else None
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self._set_aside: list[tuple[int, float]] = []   # (after step, when): set aside by a rollback
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_policy(cls, section: Mapping[str, Any], *, source: str, config: Mapping[str, Any] | None,
+                    cwd: Path | None = None, run_dir: Path | None = None) -> ScriptAdapter:
+        """Validate a policy's ``script:`` section against ``config`` (None: the section alone,
+        as ``ftrain policy check`` without ``--config`` does); PolicyError listing every
+        problem as ``file:line: script.key: message``."""
+        c = _Checker(source, _policy_lines(source))
+        path = ("script",)
+        if not isinstance(section, Mapping):
+            c.error(path, "must be a mapping")
+            raise PolicyError(c.errors)
+        c.keys(section, SCRIPT_KEYS, path)
+
+        def templates(key: str, allowed: frozenset[str]) -> list[Template]:
+            raw = section.get(key)
+            if raw is None:
+                return []
+            texts = [raw] if isinstance(raw, str) else raw
+            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+                c.error(path + (key,), "must be a template string or a list of them")
+                return []
+            out = []
+            for i, text in enumerate(texts):
+                where = path + (key,) if isinstance(raw, str) else path + (key, i)
+                try:
+                    template = Template.parse(text)
+                except ValueError as exc:
+                    c.error(where, str(exc))
+                    continue
+                _check_fields(c, where, template, allowed, config)
+                out.append(template)
+            return out
+
+        args = templates("args", LEAF_FIELDS)
+        for template in args:
+            _check_unique(c, path + ("args",), template, config, "argument")
+        resume_args = templates("resume_args", RESUME_FIELDS)
+
+        config_file = section.get("config_file")
+        if config_file is not None:
+            if not isinstance(config_file, str) or not config_file.strip():
+                c.error(path + ("config_file",), "must be a file path")
+                config_file = None
+            elif not config_file.endswith(CONFIG_FILE_SUFFIXES):
+                c.error(path + ("config_file",), f"{config_file!r}: the format follows the extension: "
+                                                 f"use {', '.join(CONFIG_FILE_SUFFIXES)}")
+
+        env_each, env_fixed = _parse_env(c, section.get("env"), path + ("env",), config)
+
+        patterns: list[str] = []
+        raw_patterns = section.get("checkpoints")
+        if raw_patterns is not None:
+            patterns = [raw_patterns] if isinstance(raw_patterns, str) else raw_patterns
+            if not isinstance(patterns, list) or not patterns or \
+                    not all(isinstance(p, str) and p.strip() for p in patterns):
+                c.error(path + ("checkpoints",), "must be a glob pattern or a list of them (e.g. \"out/*.pt\")")
+                patterns = []
+
+        on_missing = MissingCheckpoint.FRESH
+        if "on_missing_checkpoint" in section:
+            try:
+                on_missing = MissingCheckpoint(section["on_missing_checkpoint"])
+            except ValueError:
+                c.error(path + ("on_missing_checkpoint",),
+                        f"must be fresh or stop, not {section['on_missing_checkpoint']!r}")
+            if raw_patterns is None:
+                c.error(path + ("on_missing_checkpoint",), "applies only with `checkpoints:`")
+
+        regexes = _parse_regexes(c, section.get("metrics_regex"), path + ("metrics_regex",))
+        if c.errors:
+            raise PolicyError(c.errors)
+        return cls(source=source, args=args, resume_args=resume_args, config_file=config_file,
+                   env_each=env_each, env_fixed=env_fixed, patterns=patterns, on_missing=on_missing,
+                   regexes=regexes, cwd=cwd, run_dir=run_dir)
+
+    # ------------------------------------------------------------------ the Protocol
+    @property
+    def reads_output(self) -> bool:
+        """Whether the supervisor must feed the script's output lines to ``parse_line``."""
+        return bool(self.regexes)
+
+    @property
+    def owns_checkpoints(self) -> bool:
+        """Whether restarts pick from the script's own checkpoints (``checkpoints:``)."""
+        return bool(self.patterns)
+
+    @property
+    def delivers_config(self) -> bool:
+        """Whether overrides reach the script through ``args``, ``config_file`` or ``env``
+        (then a script that never calls ``ftrain.config()`` still gets them)."""
+        return bool(self.args or self.config_file or self.env_each or self.env_fixed)
+
+    @property
+    def missing_checkpoint_policy(self) -> MissingCheckpoint:
+        """``on_missing_checkpoint``: what a restart does when no checkpoint matches."""
+        return self.on_missing
+
+    def command(self, base: Sequence[str], config: Mapping[str, Any], resume_from: str | None) -> tuple[str, ...]:
+        """``base`` + the override flags of ``config`` + ``resume_args`` when resuming."""
+        argv = list(base)
+        for template in self.args:
+            argv += _render_all(template, config)
+        if resume_from is not None:
+            where = {"checkpoint": str(resume_from), "checkpoint_dir": str(Path(resume_from).parent)}
+            for template in self.resume_args:
+                argv += template.render(lambda n: where[n] if n in where else
+                                        render_value(overrides.get_key(config, n)))
+        return tuple(argv)
+
+    def env(self, config: Mapping[str, Any], attempt_dir: Path) -> dict[str, str]:
+        """The override variables of ``config``; writes ``config_file`` first (atomically),
+        so the script finds this attempt's values when it starts."""
+        if self.run_dir is None:
+            self.run_dir = Path(attempt_dir).resolve().parent.parent
+        if self.config_file is not None:
+            self._write_config(config)
+        out: dict[str, str] = {}
+        if self.env_each is not None:
+            for key, value in leaves(config):
+                out[self.env_each.render(_leaf_lookup(key, value, config))[0]] = render_value(value)
+        for name, template in self.env_fixed.items():
+            out[name] = template.render(lambda n: render_value(overrides.get_key(config, n)))[0]
+        return out
+
+    def parse_line(self, line: str) -> dict[str, Any] | None:
+        """A metrics record ``{"step": int, name: float …}`` from a progress line, or None.
+        The first regex that matches wins; a line whose groups do not read as numbers is
+        None, never an error. A line redrawn with carriage returns (a progress bar) is read
+        from its latest drawing that matches."""
+        for segment in reversed(line.split("\r")) if "\r" in line else (line,):
+            for regex in self.regexes:
+                match = regex.search(segment)
+                record = _record(match) if match is not None else None
+                if record is not None:
+                    return record
+        return None
+
+    def checkpoints(self, cwd: Path) -> list[Checkpoint]:
+        """The script's checkpoints of this run that the globs match, ``unverified``, each
+        with a step: the one in its name (``ckptfmt.guess_step``), else the step logged
+        last before the file was written. Files with neither are left out, and so are those
+        a rollback set aside (``vet_decision``) and the script has not written since."""
+        root = Path(cwd)
+        since = self._run_started()
+        found: dict[str, tuple[Path, float, int | None]] = {}
+        for pattern in self.patterns:
+            for match in glob.glob(os.path.expanduser(pattern), root_dir=root, recursive=True):
+                path = root / match
+                try:
+                    mtime = path.stat().st_mtime
+                except OSError:
+                    continue   # vanished between the glob and the stat
+                if since is not None and mtime < since:
+                    continue   # a leftover of an earlier run in the same folder
+                found[str(path)] = (path, mtime, ckptfmt.guess_step(path.name))
+        unnamed = sorted({mtime for _, mtime, step in found.values() if step is None}, reverse=True)
+        placed = _steps_at(self.run_dir / "metrics.jsonl", unnamed) if unnamed and self.run_dir else {}
+        result: list[Checkpoint] = []
+        for path, mtime, step in sorted(found.values(), key=lambda f: f[1]):
+            note = f"matched {', '.join(self.patterns)}; step from the file name"
+            if step is None:
+                step = placed.get(mtime)
+                note = f"matched {', '.join(self.patterns)}; step logged before it was written"
+            if step is None or any(step > after and mtime <= when for after, when in self._set_aside):
+                continue
+            result.append(Checkpoint(path, step, CheckpointStatus.UNVERIFIED, bytes=_size(path), t=mtime,
+                                     note=note))
+        return result
+
+    def vet_decision(self, decision: Decision, found: Sequence[Any]) -> Decision:
+        """The policy's decision, seen with the script's checkpoints (``found``: what
+        ``checkpoints`` returned for it).
+
+        A restart or rollback that found none follows ``on_missing_checkpoint``: a stop with
+        the reason, or a fresh start that says so. A rollback sets the script's newer
+        checkpoints aside (as the supervisor quarantines its own) until the script writes
+        them again, so a later restart does not pick what the rollback distrusted.
+        """
+        if not self.patterns or decision.action not in (Action.RESTART, Action.ROLLBACK):
+            return decision
+        where = ", ".join(self.patterns)
+        if not found and decision.resume_from is None:
+            if self.on_missing is MissingCheckpoint.STOP:
+                return Decision(Action.STOP, rule=decision.rule,
+                                reason=f"{decision.reason}; but no checkpoint of this run matches {where} "
+                                       "(on_missing_checkpoint: stop)")
+            return replace(decision, reason=f"{decision.reason}; no checkpoint of this run matches {where}: "
+                                            "starting fresh")
+        if decision.action is Action.ROLLBACK:
+            after = decision.resume_step if decision.resume_step is not None else -1
+            newer = sum(1 for c in found if c.step is not None and c.step > after)
+            if newer:
+                self._set_aside.append((after, time.time()))
+                return replace(decision, reason=f"{decision.reason}; {newer} newer checkpoint(s) of the "
+                                                "script set aside until it writes them again")
+        return decision
+
+    # ------------------------------------------------------------------ internals
+    def _write_config(self, config: Mapping[str, Any]) -> None:
+        cwd = self.cwd or Path(self._run_info().get("cwd") or Path.cwd())
+        path = cwd / os.path.expanduser(self.config_file or "")
+        text = json.dumps(dict(config), indent=2) + "\n" if path.suffix == ".json" \
+            else overrides.dump_config(config)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def _run_started(self) -> float | None:
+        """When the run began (``run.json``), so leftovers of an earlier run are not resumed."""
+        created = self._run_info().get("created")
+        return float(created) if isinstance(created, (int, float)) and not isinstance(created, bool) else None
+
+    def _run_info(self) -> dict[str, Any]:
+        """The run folder's ``run.json``; empty when unknown or unreadable."""
+        if self.run_dir is None:
+            return {}
+        try:
+            info = json.loads((self.run_dir / "run.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return info if isinstance(info, dict) else {}
+
+
+# --------------------------------------------------------------------------- validation
+def _policy_lines(source: str) -> dict[tuple[Any, ...], int]:
+    """Line of every key of the policy file, for messages; empty if it cannot be read."""
+    try:
+        node = yaml.compose(Path(source).read_text(), Loader=overrides.ConfigLoader)
+    except (OSError, yaml.YAMLError):
+        return {}
+    return _line_map(node) if node is not None else {}
+
+
+def _check_fields(c: _Checker, where: tuple[Any, ...], template: Template, allowed: frozenset[str],
+                  config: Mapping[str, Any] | None) -> None:
+    """Every placeholder is one this key allows, or a key of the config."""
+    for name in sorted(template.fields):
+        if name in allowed:
+            continue
+        if name in RESUME_FIELDS:
+            c.error(where, f"{{{name}}} is available only in resume_args")
+        elif name in LEAF_FIELDS:
+            c.error(where, f"{{{name}}} is a per-key placeholder: only in `args` and an `env` name template")
+        elif config is not None and not overrides.has_key(config, name):
+            c.error(where, f"{{{name}}}: the config has no key {name!r}")
+
+
+def _check_unique(c: _Checker, where: tuple[Any, ...], template: Template, config: Mapping[str, Any] | None,
+                  what: str) -> None:
+    """A per-key template that uses only ``{name}`` must not render two keys alike."""
+    if config is None or not template.per_leaf or template.fields & {"key", "KEY"}:
+        return
+    if not template.fields & {"name", "NAME"}:
+        if template.fields & LEAF_FIELDS == {"value"} and sum(1 for _ in leaves(config)) > 1:
+            c.error(where, f"renders every config value but names no key: use {{key}} or {{name}}")
+        return
+    seen: dict[str, str] = {}
+    for key, _ in leaves(config):
+        name = key.rsplit(".", 1)[-1]
+        if name in seen:
+            c.error(where, f"{seen[name]!r} and {key!r} render as the same {what}; use {{key}} instead of {{name}}")
+            return
+        seen[name] = key
+
+
+def _parse_env(c: _Checker, raw: Any, path: tuple[Any, ...],
+               config: Mapping[str, Any] | None) -> tuple[Template | None, dict[str, Template]]:
+    """``env: "PREFIX_{KEY}"`` (one variable per leaf) or ``env: {NAME: "{dotted.key}"}``."""
+    if raw is None:
+        return None, {}
+    if isinstance(raw, str):
+        try:
+            template = Template.parse(raw, split=False)
+        except ValueError as exc:
+            c.error(path, str(exc))
+            return None, {}
+        if not template.fields & {"key", "name", "KEY", "NAME"} or "value" in template.fields:
+            c.error(path, "a per-key variable name needs {KEY} (or {key}, {NAME}, {name}) and no {value}; "
+                          "or map names to values: {LR: \"{optim.lr}\"}")
+            return None, {}
+        before = len(c.errors)
+        _check_fields(c, path, template, LEAF_FIELDS, config)
+        _check_unique(c, path, template, config, "variable")
+        for key, value in leaves(config or {}):
+            if len(c.errors) > before:
+                break   # one message for the template, not one per key
+            _check_env_name(c, path, template.render(_leaf_lookup(key, value, config))[0])
+        return template, {}
+    if isinstance(raw, dict):
+        fixed: dict[str, Template] = {}
+        for name, text in raw.items():
+            where = path + (name,)
+            if not isinstance(text, str):
+                text = render_value(text)
+            try:
+                template = Template.parse(text, split=False)
+            except ValueError as exc:
+                c.error(where, str(exc))
+                continue
+            _check_fields(c, where, template, frozenset(), config)
+            _check_env_name(c, where, str(name))
+            fixed[str(name)] = template
+        return None, fixed
+    c.error(path, "must be a variable-name template (\"PREFIX_{KEY}\") or a mapping NAME: template")
+    return None, {}
+
+
+def _check_env_name(c: _Checker, where: tuple[Any, ...], name: str) -> None:
+    if not name or "=" in name or "\0" in name:
+        c.error(where, f"{name!r} is not a usable environment variable name")
+    elif name.startswith("FTRAIN_"):
+        c.error(where, f"{name!r}: FTRAIN_* variables are ftrain's own (DESIGN §2)")
+
+
+def _parse_regexes(c: _Checker, raw: Any, path: tuple[Any, ...]) -> list[re.Pattern[str]]:
+    if raw is None:
+        return []
+    texts = [raw] if isinstance(raw, str) else raw
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        c.error(path, "must be a regular expression or a list of them")
+        return []
+    out: list[re.Pattern[str]] = []
+    for i, text in enumerate(texts):
+        where = path if isinstance(raw, str) else path + (i,)
+        try:
+            regex = re.compile(text)
+        except re.error as exc:
+            c.error(where, f"does not compile: {exc}")
+            continue
+        if "step" not in regex.groupindex:
+            c.error(where, "needs a named group (?P<step>\\d+) for the step")
+            continue
+        reserved = sorted(set(regex.groupindex) & RESERVED_METRICS)
+        if reserved:
+            c.error(where, f"group name(s) {', '.join(reserved)} are reserved in metrics records")
+            continue
+        out.append(regex)
+    return out
+
+
+# --------------------------------------------------------------------------- rendering & reading
+def _render_all(template: Template, config: Mapping[str, Any]) -> list[str]:
+    """A fixed template once; a per-key one once for every leaf of ``config``."""
+    if not template.per_leaf:
+        return template.render(lambda n: render_value(overrides.get_key(config, n)))
+    out: list[str] = []
+    for key, value in leaves(config):
+        out += template.render(_leaf_lookup(key, value, config))
+    return out
+
+
+def _record(match: re.Match[str]) -> dict[str, Any] | None:
+    """The match's groups as a record: ``step`` an int, the other named groups floats."""
+    groups = match.groupdict()
+    try:
+        record: dict[str, Any] = {"step": int(groups.pop("step") or "")}
+        for name, text in groups.items():
+            if text is not None:
+                record[name] = float(text)
+    except ValueError:
+        return None
+    return record
+
+
+def _steps_at(metrics_path: Path, times: Sequence[float]) -> dict[float, int]:
+    """For each time in ``times`` (newest first), the step of the last metrics record
+    written at or before it: what a checkpoint written then holds. Reads ``metrics.jsonl``
+    backwards from its end, so recent times cost little."""
+    out: dict[float, int] = {}
+    pending = list(times)
+    try:
+        f = open(metrics_path, "rb")
+    except OSError:
+        return out
+    with f:
+        end = f.seek(0, os.SEEK_END)
+        carry = b""
+        while pending and end > 0:
+            start = max(0, end - _READ_BACK)
+            f.seek(start)
+            lines = (f.read(end - start) + carry).split(b"\n")
+            carry = lines.pop(0) if start > 0 else b""
+            for raw in reversed(lines):
+                step, t = _step_and_time(raw)
+                while step is not None and pending and t <= pending[0] + MTIME_SLACK:
+                    out[pending.pop(0)] = step
+                if not pending:
+                    break
+            end = start
+    return out
+
+
+def _step_and_time(raw: bytes) -> tuple[int | None, float]:
+    if b'"step"' not in raw or b'"ftrain"' in raw:
+        return None, math.inf
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return None, math.inf
+    step, t = record.get("step"), record.get("t")
+    if type(step) is not int or not isinstance(t, (int, float)):
+        return None, math.inf
+    return step, float(t)
+
+
+def _size(path: Path) -> int:
+    """Bytes of a file, or of every file in a checkpoint folder."""
+    if not path.is_dir():
+        try:
+            return path.stat().st_size
+        except OSError:
+            return 0
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(folder, name)).st_size
+            except OSError:
+                pass
+    return total
