@@ -7,11 +7,11 @@ the config and its overrides, the fault spec, the script, the run folder.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
 from ftrain import overrides
-from ftrain.distributed import DistSpec, job_dir_of, make_distributed, node_dir
 from ftrain.errors import ConfigError, PolicyError, RunDirError, UsageError
 from ftrain.inject import Fault, parse_inject
 from ftrain.journal import JOURNAL_VERSION, Event, read_journal
@@ -22,6 +22,8 @@ from ftrain.supervisor import (LaunchSpec, RunState, Supervisor, build_command, 
 from ftrain.view import make_reporter
 
 RUNS_DIR = Path("runs")
+# torchrun's and Slurm's variables that make a plain `ftrain run` a distributed one
+_DIST_ENV = {"PET_NPROC_PER_NODE", "PET_NNODES", "SLURM_STEP_NUM_NODES"}
 
 
 def _parse_inject(spec: str | None) -> tuple[Fault, ...]:
@@ -62,13 +64,19 @@ def start_run(*, script: str, script_args: tuple[str, ...], policy_path: Path | 
     if problems:
         raise PolicyError(problems)
     faults = _parse_inject(inject)
-    spec = DistSpec.from_cli(nproc_per_node, nnodes, node_rank, rdzv_endpoint)
+    spec = None
+    if nproc_per_node != 1 or nnodes != 1 or rdzv_endpoint or _DIST_ENV & os.environ.keys():
+        from ftrain.distributed import DistSpec  # only then: it costs start-up time
+
+        spec = DistSpec.from_cli(nproc_per_node, nnodes, node_rank, rdzv_endpoint)
     if spec is not None and spec.multi_node and run_dir is None:
         raise UsageError(f"--nnodes {spec.nnodes}: give every node the same --run-dir on a shared file system")
     command = build_command(script, script_args)
     run_dir = run_dir if run_dir is not None else new_run_dir(RUNS_DIR, script)
     job_dir = run_dir
     if spec is not None:   # node K > 0 of several keeps its own records inside the job's folder
+        from ftrain.distributed import node_dir
+
         run_dir = node_dir(spec, job_dir)
     check_fresh_run_dir(run_dir)
     adapter = make_adapter(policy, config, cwd=Path.cwd(), run_dir=run_dir)
@@ -82,7 +90,11 @@ def start_run(*, script: str, script_args: tuple[str, ...], policy_path: Path | 
                         tensorboard=str(tensorboard.resolve()) if tensorboard else None)
     listeners = make_listeners(tensorboard)
     become_subreaper()
-    dist = make_distributed(spec, run_dir, job_dir) if spec is not None else None
+    dist = None
+    if spec is not None:
+        from ftrain.distributed import make_distributed
+
+        dist = make_distributed(spec, run_dir, job_dir)
     supervisor = Supervisor(run_dir, policy, launch, make_reporter(no_ui), inject=faults, adapter=adapter,
                             listeners=listeners, dist=dist)
     return _supervise(supervisor)
@@ -202,8 +214,12 @@ def resume_run(run_dir: Path | None, *, max_restarts: int | None, no_ui: bool) -
     adapter = make_adapter(policy, state.config, cwd=launch.cwd, run_dir=run_dir)
     tb = info.get("tensorboard")
     become_subreaper()
-    spec = DistSpec.from_json(info["distributed"]) if info.get("distributed") else None
-    dist = make_distributed(spec, run_dir, job_dir_of(spec, run_dir)) if spec is not None else None
+    dist = None
+    if info.get("distributed"):
+        from ftrain.distributed import DistSpec, job_dir_of, make_distributed
+
+        spec = DistSpec.from_json(info["distributed"])
+        dist = make_distributed(spec, run_dir, job_dir_of(spec, run_dir))
     supervisor = Supervisor(run_dir, policy, launch, make_reporter(no_ui), state=state, max_restarts=budget,
                             adapter=adapter, listeners=make_listeners(Path(tb) if tb else None), dist=dist)
     supervisor.open_attempt = _open_attempt(events)

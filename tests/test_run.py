@@ -273,3 +273,42 @@ def test_a_flood_of_output_does_not_grow_the_supervisor(tmp_path, files):
     assert code == 0, out.stderr
     assert (run / "attempts/0001/output.log").stat().st_size == 4000 * 64 * 1024
     assert peak_kib / 1024 < 100, f"a process of the run peaked at {peak_kib / 1024:.0f} MiB"
+
+
+def test_rollback_quarantines_and_skips_in_the_next_attempt(tmp_path, write, files):
+    policy, _ = files
+    config = write("c.yaml", CONFIG.replace("steps: 12", "steps: 24").replace("ckpt_every: 0", "ckpt_every: 4"))
+    run = tmp_path / "run"
+    p = run_ftrain("run", JOB, "--policy", str(policy), "--config", str(config), "--run-dir", str(run),
+                   "--no-ui", "--inject", "nan@14", cwd=tmp_path, timeout=120)
+    assert p.returncode == 0, p.stderr
+    evts = events(run)
+    (anomaly,) = of(evts, "anomaly")
+    assert anomaly["kind"] == "nonfinite" and anomaly["step"] == 14 and anomaly["metric"] == "loss"
+    (decision,) = of(evts, "decision")
+    # newest ok checkpoint at or before 14 - margin 2: step 11 (saved at 3, 7, 11)
+    assert decision["action"] == "rollback" and decision["resume_step"] == 11
+    assert decision["skip_steps"] == ["14-16"]
+    second = of(evts, "attempt_start")[1]
+    assert second["skip_steps"] == ["14-16"] and second["resume_from"].endswith("step-00000011.pt")
+    log2 = (run / "attempts/0002/output.log").read_text()
+    assert "resumed from step 11" in log2 and "skipped 14" in log2 and "skipped 16" in log2
+    assert "skipped 17" not in log2
+    quarantined = sorted(p.name for p in (run / "checkpoints" / "quarantine").glob("*.pt"))
+    assert quarantined and all(int(n.split("-")[1].split(".")[0]) > 11 for n in quarantined)
+
+
+def test_ignore_action_journals_the_anomaly_and_keeps_training(tmp_path, write, files):
+    _, config = files
+    policy = write("ignore.yaml", FAST_POLICY.replace("  - when: [nonfinite, spike]\n    action: rollback\n"
+                                                       "    margin: 2\n    skip_steps: 3\n",
+                                                       "  - when: [nonfinite, spike]\n    action: ignore\n"))
+    run = tmp_path / "run"
+    p = run_ftrain("run", JOB, "--policy", str(policy), "--config", str(config), "--run-dir", str(run),
+                   "--no-ui", "--inject", "nan@5", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    evts = events(run)
+    (anomaly,) = of(evts, "anomaly")
+    assert anomaly["action"] == "ignore" and anomaly["step"] == 5
+    assert len(of(evts, "attempt_start")) == 1 and evts[-1]["status"] == "succeeded"
+    assert "ignored by policy" in p.stderr

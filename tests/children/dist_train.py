@@ -5,10 +5,10 @@ Config (ftrain.config): train.steps, train.batch_size, train.ckpt_every, train.s
 Faults the supervisor's ``--inject`` cannot place on another rank than 0 come from the
 environment and fire in attempt 1 only (so a restart can finish):
 
-* ``DIST_FAULT=kind@step`` with ``DIST_FAULT_RANK=r`` (default 1): on rank r at that step
-  ``segv`` (a real SIGSEGV), ``hang`` (sleep forever outside any collective, so the other
-  ranks block in their next allreduce), ``oom`` (the exception PyTorch raises), ``exit``
-  (exit 3), ``kill`` (SIGKILL to the rank's own node: its torchrun and the ftrain above).
+* ``DIST_FAULT=kind@step`` with ``DIST_FAULT_RANK=r`` (default 1; ``*``: every rank that
+  sees the variable, e.g. all ranks of one node): at that step ``segv`` (a real SIGSEGV),
+  ``hang`` (sleep forever outside any collective, so the other ranks block in their next
+  allreduce).
 * ``DIST_GLOO_TIMEOUT`` seconds for the process group's collectives (default 300), long
   enough that ftrain's hang detector fires before gloo gives up.
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import ctypes
 import datetime
 import os
-import signal
 import sys
 import time
 
@@ -40,17 +39,6 @@ def fire(kind: str, rank: int, step: int) -> None:
     elif kind == "hang":
         while True:
             time.sleep(3600)
-    elif kind == "oom":
-        raise torch.OutOfMemoryError(
-            "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 1 has a total capacity of 79.15 GiB "
-            "of which 1.06 GiB is free.")
-    elif kind == "exit":
-        sys.exit(3)
-    elif kind == "kill":
-        # The whole node dies: this rank's supervisor (ftrain) and everything under it.
-        ftrain_pid = int(os.environ["DIST_NODE_SUPERVISOR_PID"])
-        os.kill(ftrain_pid, signal.SIGKILL)
-        os.killpg(os.getpgid(0), signal.SIGKILL)
     raise SystemExit(f"unknown DIST_FAULT kind {kind!r}")
 
 
@@ -64,7 +52,8 @@ def main() -> None:
 
     fault_kind, fault_step = None, -1
     spec = os.environ.get("DIST_FAULT")
-    if spec and os.environ.get("FTRAIN_ATTEMPT") == "1" and rank == int(os.environ.get("DIST_FAULT_RANK", "1")):
+    target = os.environ.get("DIST_FAULT_RANK", "1")
+    if spec and os.environ.get("FTRAIN_ATTEMPT") == "1" and (target == "*" or rank == int(target)):
         fault_kind, _, step_text = spec.partition("@")
         fault_step = int(step_text)
 

@@ -1,0 +1,504 @@
+"""Past one process: torchrun under ftrain, root causes among ranks, a stuck rank, and
+several nodes that agree on one decision per failure.
+
+The end-to-end tests run real DDP training (tests/children/dist_train.py: a tiny model,
+gloo on CPU, two ranks, tens of steps) under ``ftrain run --nproc-per-node 2``, and two
+"nodes" as two ftrain processes rendezvousing on 127.0.0.1. Faults on a rank other than 0
+come from the child's environment (``--inject`` fires on rank 0 only). Every test collects
+the ranks' pids from their heartbeat files while the job runs and checks that none
+outlives its attempt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import CHILDREN, events, ftrain_cmd, of, pid_alive
+from ftrain.distributed import (Coordinator, DistSpec, Distributed, analyze_ranks, adopt_snapshot, in_torch,
+                                innermost_frame, parse_torchrun_report, read_heartbeats, root_cause,
+                                state_snapshot, torchrun_command)
+from ftrain.errors import UsageError
+from ftrain.kinds import Failure, FailureKind
+from ftrain.policy import Action, Decision
+
+pytest.importorskip("torch.distributed")
+
+DIST = str(CHILDREN / "dist_train.py")
+
+POLICY = """
+version: 1
+max_restarts: 4
+no_progress: 3
+grace: 3s
+backoff: 0s
+detect:
+  hang: {{timeout: {hang}, startup: 90s}}
+rules:
+  - when: cuda_oom
+    action: restart
+    set: {{train.batch_size: {{scale: 0.5, min: 1}}}}
+  - when: [segfault, aborted, killed, cuda_error, nccl_error, hang, preempted, host_oom, exit_nonzero, exception]
+    action: restart
+"""
+CONFIG = "train: {steps: 20, batch_size: 16, ckpt_every: 5, sleep: 0.02}\n"
+
+
+# --------------------------------------------------------------------------- helpers
+class PidWatch:
+    """Collects rank pids from heartbeat files (their content) while a run goes on."""
+
+    def __init__(self, *folders: Path) -> None:
+        self.folders = folders
+        self.pids: dict[int, set[int]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            for folder in self.folders:
+                for rank, hb in read_heartbeats(folder).items():
+                    if hb.pid is not None:
+                        self.pids.setdefault(rank, set()).add(hb.pid)
+            time.sleep(0.05)
+
+    def stop(self) -> set[int]:
+        self._stop.set()
+        self._thread.join()
+        return {pid for pids in self.pids.values() for pid in pids}
+
+
+def assert_no_rank_survives(watch: PidWatch, *run_dirs: Path) -> None:
+    pids = watch.stop()
+    for run_dir in run_dirs:   # the ranks print their pid too; both sources must agree on "dead"
+        for log in run_dir.glob("attempts/*/output.log"):
+            pids |= {int(p) for p in re.findall(r"rank \d+ pid (\d+)", log.read_text(errors="replace"))}
+    assert pids, "no rank pid was seen"
+    alive = [pid for pid in pids if pid_alive(pid)]
+    assert not alive, f"rank processes outlived their attempt: {alive}"
+
+
+def start(tmp_path: Path, *args: str, env: dict[str, str] | None = None, name: str = "ftrain") -> subprocess.Popen:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("FTRAIN_", "DIST_", "PET_", "SLURM_"))}
+    full_env.update(env or {})
+    out = open(tmp_path / f"{name}.out", "wb")
+    return subprocess.Popen(ftrain_cmd(*args), cwd=tmp_path, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for p in [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True):
+            p.kill()
+        proc.wait()
+        raise
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def job(tmp_path):
+    def _job(hang: str = "4s") -> tuple[Path, Path]:
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(POLICY.format(hang=hang))
+        config = tmp_path / "config.yaml"
+        config.write_text(CONFIG)
+        return policy, config
+    return _job
+
+
+def run_two_ranks(tmp_path: Path, policy: Path, config: Path, *extra: str, env: dict[str, str] | None = None,
+                  timeout: float = 150) -> tuple[int, Path, str, PidWatch]:
+    run = tmp_path / "run"
+    watch = PidWatch(run / "heartbeat")
+    proc = start(tmp_path, "run", DIST, "--nproc-per-node", "2", "--policy", str(policy), "--config", str(config),
+                 "--run-dir", str(run), "--no-ui", *extra, env=env)
+    code = finish(proc, timeout)
+    return code, run, (tmp_path / "ftrain.out").read_text(errors="replace"), watch
+
+
+# --------------------------------------------------------------------------- values, no processes
+def test_torchrun_command_turns_off_its_restarts_and_keeps_rank_logs(tmp_path):
+    one = torchrun_command(DistSpec(nproc_per_node=4), (sys.executable, "/x/train.py", "--lr", "1"),
+                           tmp_path / "ranks", rdzv_id="ftrain-r-1")
+    assert one[:3] == (sys.executable, "-m", "torch.distributed.run")
+    text = " ".join(one)
+    assert "--nproc-per-node 4" in text and "--max-restarts 0" in text and "--standalone" in text
+    assert f"--log-dir {tmp_path / 'ranks'} --redirects 3 --tee 3" in text
+    assert one[-3:] == ("/x/train.py", "--lr", "1")
+    many = torchrun_command(DistSpec(nproc_per_node=2, nnodes=3, node_rank=2, rdzv_endpoint="head:29400"),
+                            ("/bin/train",), tmp_path, rdzv_id="ftrain-r-7")
+    text = " ".join(many)
+    assert "--standalone" not in text and "--nnodes 3 --node-rank 2 --rdzv-backend c10d" in text
+    assert "--rdzv-endpoint head:29400 --rdzv-id ftrain-r-7 --rdzv-conf is_host=0" in text
+    assert many[-2:] == ("--no-python", "/bin/train")
+
+
+def test_dist_spec_from_the_command_line_slurm_and_torchrun_variables():
+    assert DistSpec.from_cli(1, 1, 0, None, env={}) is None
+    assert DistSpec.from_cli(2, 1, 0, None, env={}) == DistSpec(nproc_per_node=2)
+    slurm = {"SLURM_STEP_NUM_NODES": "4", "SLURM_NODEID": "3", "SLURM_JOB_ID": "777", "MASTER_ADDR": "n01",
+             "MASTER_PORT": "29500", "FTRAIN_NODE_TIMEOUT": "12"}
+    spec = DistSpec.from_cli(8, 1, 0, None, env=slurm)
+    assert spec == DistSpec(nproc_per_node=8, nnodes=4, node_rank=3, rdzv_endpoint="n01:29500", rdzv_id="777",
+                            node_timeout=12.0)
+    pet = {"PET_NNODES": "2", "PET_NODE_RANK": "1", "PET_NPROC_PER_NODE": "4", "PET_RDZV_ENDPOINT": "svc:1234"}
+    assert DistSpec.from_cli(1, 1, 0, None, env=pet) == DistSpec(4, 2, 1, "svc:1234")
+    assert DistSpec.from_cli(1, 2, 1, "h:1", env=slurm).node_rank == 1   # the flags win
+    with pytest.raises(UsageError, match="needs --rdzv-endpoint"):
+        DistSpec.from_cli(1, 2, 0, None, env={})
+    with pytest.raises(UsageError, match="--node-rank 2: must be in 0..1"):
+        DistSpec.from_cli(1, 2, 2, "h:1", env={})
+    with pytest.raises(UsageError, match="expected HOST:PORT"):
+        DistSpec.from_cli(1, 2, 0, "nohost", env={})
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rdzv-endpoint", "h:1"], "--rdzv-endpoint: only meaningful with --nnodes > 1"),
+    (["--nnodes", "2", "--rdzv-endpoint", "h:1"], "give every node the same --run-dir"),
+    (["--nnodes", "2", "--run-dir", "r"], "needs --rdzv-endpoint HOST:PORT"),
+    (["--nproc-per-node", "0"], "--nproc-per-node 0: needs at least 1"),
+])
+def test_bad_distributed_flags_are_one_line_exit_2(tmp_path, args, message):
+    from conftest import run_ftrain
+
+    p = run_ftrain("run", DIST, *args, cwd=tmp_path)
+    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "r").exists()
+
+
+REPORT = """\
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError: 
+=======================================================
+/work/train.py FAILED
+-------------------------------------------------------
+Failures:
+[1]:
+  time      : 2026-11-29_06:23:57
+  host      : localhost
+  rank      : 1 (local_rank: 1)
+  exitcode  : -11 (pid: 11986)  (SIGSEGV)
+  error_file: <N/A>
+  traceback : Signal 11 (SIGSEGV) received by PID 11986
+-------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-11-29_06:23:57
+  host      : localhost
+  rank      : 0 (local_rank: 0)
+  exitcode  : 1 (pid: 11985)
+  error_file: {error_file}
+  traceback : Traceback (most recent call last):
+    File "/work/train.py", line 94, in main
+  RuntimeError: [../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:1934.
+=======================================================
+"""
+
+
+def _rank_folder(ranks: Path, local: int, stderr: str, error: str | None, t: float) -> Path:
+    folder = ranks / "run_abc" / "attempt_0" / str(local)
+    folder.mkdir(parents=True)
+    (folder / "stdout.log").write_text("")
+    (folder / "stderr.log").write_text(stderr)
+    os.utime(folder / "stderr.log", (t, t))
+    if error is not None:
+        (folder / "error.json").write_text(json.dumps({"message": {"message": error, "extraInfo": {
+            "py_callstack": f"Traceback (most recent call last):\n{error}\n", "timestamp": str(int(t))}}}))
+        os.utime(folder / "error.json", (t, t))
+    return folder
+
+
+def test_report_block_is_parsed_root_cause_first(tmp_path):
+    failures = parse_torchrun_report(("[default0]:" if i % 2 else "") + line
+                                     for i, line in enumerate(REPORT.format(error_file="/e.json").splitlines()))
+    assert [(f.rank, f.local_rank, f.exit_code, f.pid, f.root) for f in failures] == [
+        (0, 0, 1, 11985, True), (1, 1, -11, 11986, False)]
+    assert failures[0].error_file == "/e.json" and failures[1].error_file is None
+    assert parse_torchrun_report(["nothing to see"]) == []
+
+
+def test_a_segfault_beats_the_gloo_error_torchrun_saw_first(tmp_path):
+    """torchrun names rank 0 (its gloo error has an error file, so it looks first); the
+    segfault on rank 1 is what broke the collective."""
+    ranks = tmp_path / "ranks"
+    t = time.time() - 10
+    err0 = _rank_folder(ranks, 0, "[rank0]: RuntimeError: [../gloo/transport/tcp/pair.cc:553] Connection closed "
+                                  "by peer [127.0.0.1]:1934.\n",
+                        "RuntimeError: [../gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                        "[127.0.0.1]:1934.", t)
+    _rank_folder(ranks, 1, "Fatal Python error: Segmentation fault\n\nCurrent thread 0x00007f (most recent call "
+                           "first):\n  File \"/work/train.py\", line 39 in fire\n", None, t + 0.3)
+    console = REPORT.format(error_file=err0 / "error.json").splitlines()
+    exits = analyze_ranks(ranks, console, step=6)
+    assert [(e.rank, e.failure.kind, e.secondary) for e in exits] == [
+        (1, FailureKind.SEGFAULT, False), (0, FailureKind.NCCL_ERROR, True)]
+    failure = root_cause(exits, step=6)
+    assert failure is not None and failure.kind is FailureKind.SEGFAULT and failure.signal == "SIGSEGV"
+    assert failure.evidence[0].startswith("root cause: rank 1 (local_rank 1, pid 11986) failed first: segfault")
+    assert any("then rank 0" in line and "[a consequence]" in line for line in failure.evidence)
+
+
+def test_a_timeout_caused_by_an_oom_is_that_oom(tmp_path):
+    """The waiting rank's collective times out before the OOM'd rank's error file is
+    written: the OOM is still the root cause."""
+    ranks = tmp_path / "ranks"
+    t = time.time() - 10
+    _rank_folder(ranks, 0, "", "RuntimeError: [../gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting "
+                               "1800000ms for recv operation to complete", t)
+    _rank_folder(ranks, 1, "", "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 1 has a "
+                               "total capacity of 79.15 GiB of which 1.06 GiB is free.", t + 2)
+    exits = analyze_ranks(ranks, [], step=40)
+    failure = root_cause(exits, step=40)
+    assert failure is not None and failure.kind is FailureKind.CUDA_OOM
+    assert "rank 1" in failure.evidence[0]
+
+
+def test_innermost_frame_of_a_faulthandler_dump():
+    dump = ('Thread 0x00007f01 (most recent call first):\n  File "/usr/lib/python3.11/threading.py", line 331 in '
+            'wait\n\nCurrent thread 0x00007f00 (most recent call first):\n  File "/site-packages/torch/autograd/'
+            'graph.py", line 979 in _engine_run_backward\n  File "/work/train.py", line 94 in main\n')
+    frame = innermost_frame(dump)
+    assert frame == 'File "/site-packages/torch/autograd/graph.py", line 979 in _engine_run_backward'
+    assert in_torch(frame) and not in_torch('File "/work/train.py", line 41 in fire')
+    assert innermost_frame("no dump here") is None
+
+
+def _beating(coordinator: Coordinator) -> Coordinator:
+    coordinator.BEAT = 0.05
+    coordinator.start()
+    return coordinator
+
+
+def test_node_0_decides_once_and_the_other_node_applies_it(tmp_path):
+    spec0 = DistSpec(nnodes=2, node_rank=0, rdzv_endpoint="h:1", node_timeout=5)
+    spec1 = DistSpec(nnodes=2, node_rank=1, rdzv_endpoint="h:1", node_timeout=5)
+    lead = _beating(Coordinator(spec0, tmp_path / "coord", tmp_path / "ckpt"))
+    follow = _beating(Coordinator(spec1, tmp_path / "coord", tmp_path / "ckpt"))
+    segv = Failure(FailureKind.SEGFAULT, exit_code=-11, signal="SIGSEGV", step=6, evidence=("rank 1: SIGSEGV",))
+    consequence = Failure(FailureKind.NCCL_ERROR, exit_code=1, step=6, evidence=("Connection closed by peer",))
+    decided: list[Failure] = []
+    result: dict[str, object] = {}
+
+    def decide(root: Failure) -> Decision:
+        decided.append(root)
+        return Decision(Action.RESTART, reason="segfault: restart", rule=2, overrides={"train.batch_size": 8},
+                        resume_from="/ckpt/step-00000004.pt", resume_step=4)
+
+    thread = threading.Thread(target=lambda: result.update(follower=follow.agree(
+        1, segv, secondary=False, t_fail=time.time() + 1, interrupted=lambda: False, decide=decide)))
+    thread.start()
+    try:
+        root, decision = lead.agree(1, consequence, secondary=True, t_fail=time.time(), interrupted=lambda: False,
+                                    decide=decide)
+        thread.join(10)
+    finally:
+        lead.close()
+        follow.close()
+    assert len(decided) == 1 and decided[0].kind is FailureKind.SEGFAULT   # the follower's own failure, not the consequence
+    assert root.kind is FailureKind.SEGFAULT and root.evidence[0] == "node 1: rank 1: SIGSEGV"
+    follower_root, follower_decision = result["follower"]
+    assert follower_decision == decision and follower_root == root
+    assert decision is not None and decision.resume_step == 4 and decision.overrides == {"train.batch_size": 8}
+
+
+def test_a_node_that_never_reports_is_lost_after_the_node_timeout(tmp_path):
+    spec = DistSpec(nnodes=2, node_rank=0, rdzv_endpoint="h:1", node_timeout=0.5)
+    lead = _beating(Coordinator(spec, tmp_path / "coord", tmp_path / "ckpt"))
+    t0 = time.monotonic()
+    try:
+        root, decision = lead.agree(3, None, secondary=False, t_fail=time.time(), interrupted=lambda: False,
+                                    decide=lambda f: Decision(Action.RESTART, reason=f"{f.kind.value}: restart"))
+    finally:
+        lead.close()
+    assert 0.5 <= time.monotonic() - t0 < 5
+    assert root.kind is FailureKind.KILLED and "node 1 lost" in root.evidence[0]
+    assert decision.reason == "killed: restart"
+
+
+def test_an_interrupted_node_0_tells_the_others_to_stop(tmp_path):
+    spec0 = DistSpec(nnodes=2, node_rank=0, rdzv_endpoint="h:1", node_timeout=30)
+    spec1 = DistSpec(nnodes=2, node_rank=1, rdzv_endpoint="h:1", node_timeout=30)
+    lead = Coordinator(spec0, tmp_path / "coord", tmp_path / "ckpt")
+    follow = Coordinator(spec1, tmp_path / "coord", tmp_path / "ckpt")
+    lead.dir.mkdir()
+    never = lambda f: pytest.fail("nobody decides by the policy")   # noqa: E731
+    preempted = Failure(FailureKind.PREEMPTED, exit_code=-15, signal="SIGTERM", evidence=("SIGTERM",))
+    assert lead.agree(2, preempted, secondary=False, t_fail=time.time(), interrupted=lambda: True,
+                      decide=never) == (preempted, None)
+    t0 = time.monotonic()
+    root, decision = follow.agree(2, None, secondary=False, t_fail=time.time(), interrupted=lambda: False,
+                                  decide=never)
+    assert time.monotonic() - t0 < 2
+    assert decision.action is Action.STOP and "node 0 was interrupted during attempt 2" in decision.reason
+    assert root == preempted
+
+
+def test_a_rejoining_node_adopts_node_0s_state(tmp_path):
+    from ftrain.inject import parse_inject
+    from ftrain.supervisor import RunState
+
+    leader = RunState(attempt=4, config={"train": {"batch_size": 4}}, overrides={"train.batch_size": 4},
+                      skip=[(100, 199)], inject=list(parse_inject("oom@300")), resume_from="/c/step-99.pt",
+                      resume_step=99, restarts=4, rule_uses={1: 2, 3: 2})
+    data = json.loads(json.dumps(state_snapshot(leader, 5)))
+    behind = RunState(attempt=2, config={"train": {"batch_size": 16}})
+    adopt_snapshot(behind, data)
+    assert behind.attempt + 1 == 5
+    for name in ("config", "overrides", "skip", "inject", "resume_from", "resume_step", "restarts", "rule_uses"):
+        assert getattr(behind, name) == getattr(leader, name), name
+
+
+def test_stale_rank_check_ignores_heartbeats_of_an_earlier_attempt(tmp_path):
+    beats = tmp_path / "heartbeat"
+    beats.mkdir()
+    (beats / "rank-0").write_text(f"{os.getpid()}\n")
+    old = time.time() - 100
+    os.utime(beats / "rank-0", (old, old))
+    dist = Distributed(DistSpec(nproc_per_node=2), tmp_path)
+    dist.start_attempt(2, tmp_path / "attempts" / "0002", os.getppid())
+    assert dist.check(1.0) is None                    # older than the attempt: a previous rank's
+    assert read_heartbeats(beats)[0].pid == os.getpid()
+
+
+# --------------------------------------------------------------------------- one machine, two ranks
+def test_segfault_on_rank_1_is_the_root_cause_and_the_job_finishes(tmp_path, job):
+    policy, config = job()
+    code, run, out, watch = run_two_ranks(tmp_path, policy, config, env={"DIST_FAULT": "segv@7"})
+    assert code == 0, out
+    evts = events(run)
+    (failure,) = of(evts, "failure")
+    assert failure["kind"] == "segfault" and failure["signal"] == "SIGSEGV" and failure["exit_code"] == -11
+    assert failure["evidence"][0].startswith("root cause: rank 1 (local_rank 1")
+    assert any("Segmentation fault" in line for line in failure["evidence"])
+    (decision,) = of(evts, "decision")
+    assert decision["action"] == "restart" and decision["resume_step"] == 4
+    assert evts[-1]["status"] == "succeeded" and [e["attempt"] for e in of(evts, "attempt_start")] == [1, 2]
+    ranks = list((run / "attempts/0001/ranks").glob("*/attempt_0/1/stderr.log"))
+    assert ranks and "Segmentation fault" in ranks[0].read_text()
+    assert "[default1]:" in (run / "attempts/0001/output.log").read_text()   # the console still shows ranks
+    assert_no_rank_survives(watch, run)
+
+
+def test_oom_on_rank_0_halves_the_batch_of_every_rank(tmp_path, job):
+    policy, config = job()
+    code, run, out, watch = run_two_ranks(tmp_path, policy, config, "--inject", "oom@7")
+    assert code == 0, out
+    evts = events(run)
+    (failure,) = of(evts, "failure")
+    assert failure["kind"] == "cuda_oom" and failure["evidence"][0].startswith("root cause: rank 0 (local_rank 0")
+    (decision,) = of(evts, "decision")
+    assert decision["overrides"] == {"train.batch_size": 8}
+    second = (run / "attempts/0002/output.log").read_text()
+    assert len(re.findall(r"rank \d pid \d+ world 2 batch_size 8", second)) == 2
+    errors = list((run / "attempts/0001/ranks").glob("*/attempt_0/0/error.json"))   # written by the shim
+    assert errors and "OutOfMemoryError" in json.loads(errors[0].read_text())["message"]["message"]
+    assert_no_rank_survives(watch, run)
+
+
+def test_a_rank_stuck_outside_a_collective_is_a_hang_with_every_rank_stack(tmp_path, job):
+    policy, config = job(hang="4s")
+    code, run, out, watch = run_two_ranks(tmp_path, policy, config, env={"DIST_FAULT": "hang@7"})
+    assert code == 0, out
+    evts = events(run)
+    (failure,) = of(evts, "failure")
+    assert failure["kind"] == "hang"
+    text = "\n".join(failure["evidence"])
+    assert "rank 1 stuck outside torch" in text and "in fire" in text
+    assert re.search(r"rank 0 stack: File \".*/torch/", text)
+    first_end = of(evts, "attempt_end")[0]
+    assert first_end["signal"] != "SIGUSR1"    # torchrun was never sent SIGUSR1
+    for local in (0, 1):   # each rank dumped its stacks into its own stderr.log
+        (log,) = (run / "attempts/0001/ranks").glob(f"*/attempt_0/{local}/stderr.log")
+        assert "most recent call first" in log.read_text()
+    assert evts[-1]["status"] == "succeeded"
+    assert_no_rank_survives(watch, run)
+
+
+# --------------------------------------------------------------------------- two nodes on one machine
+def start_node(tmp_path: Path, k: int, port: int, policy: Path, config: Path, env: dict[str, str] | None = None,
+               name: str | None = None) -> subprocess.Popen:
+    return start(tmp_path, "run", DIST, "--nnodes", "2", "--node-rank", str(k), "--rdzv-endpoint",
+                 f"127.0.0.1:{port}", "--policy", str(policy), "--config", str(config), "--run-dir",
+                 str(tmp_path / "run"), "--no-ui", env={"FTRAIN_NODE_TIMEOUT": "5", **(env or {})},
+                 name=name or f"node{k}")
+
+
+def decisions(run_dir: Path) -> list[dict]:
+    return [{k: e[k] for k in ("attempt", "action", "resume_from", "resume_step", "overrides", "skip_steps")}
+            for e in of(events(run_dir), "decision")]
+
+
+def test_two_nodes_agree_on_the_decision_after_a_fault_on_one(tmp_path, job):
+    policy, config = job(hang="8s")
+    run = tmp_path / "run"
+    watch = PidWatch(run / "heartbeat", run / "nodes/node-1/heartbeat")
+    port = free_port()
+    node0 = start_node(tmp_path, 0, port, policy, config)
+    node1 = start_node(tmp_path, 1, port, policy, config, env={"DIST_FAULT": "segv@7", "DIST_FAULT_RANK": "*"})
+    assert finish(node0, 180) == 0, (tmp_path / "node0.out").read_text()
+    assert finish(node1, 60) == 0, (tmp_path / "node1.out").read_text()
+    lead, other = events(run), events(run / "nodes/node-1")
+    assert decisions(run) == decisions(run / "nodes/node-1") and decisions(run)[0]["resume_step"] == 4
+    assert [e["attempt"] for e in of(lead, "attempt_start")] == [e["attempt"] for e in of(other, "attempt_start")]
+    assert lead[-1]["status"] == other[-1]["status"] == "succeeded"
+    verdict = json.loads((run / "coord/0001/decision.json").read_text())
+    assert verdict["node"] == 1 and verdict["failure"]["kind"] == "segfault"
+    assert of(other, "failure")[0]["kind"] == "segfault"
+    assert_no_rank_survives(watch, run, run / "nodes/node-1")
+
+
+def test_a_node_killed_outright_is_noticed_and_rejoins_when_resumed(tmp_path, job):
+    policy, config = job(hang="8s")
+    run = tmp_path / "run"
+    watch = PidWatch(run / "heartbeat", run / "nodes/node-1/heartbeat")
+    port = free_port()
+    node0 = start_node(tmp_path, 0, port, policy, config)
+    node1 = start_node(tmp_path, 1, port, policy, config)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        steps = [json.loads(line).get("step") for line in metrics.read_text().splitlines()
+                 if '"loss"' in line] if metrics.exists() else []
+        if steps and max(steps) >= 8:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the two nodes never reached step 8")
+    tree = [psutil.Process(node1.pid)] + psutil.Process(node1.pid).children(recursive=True)
+    for p in tree:   # the whole node at once: its ftrain, torchrun and rank
+        p.kill()
+    killed_at = time.monotonic()
+    node1.wait()
+    verdict_path = run / "coord/0001/decision.json"
+    while not verdict_path.exists() and time.monotonic() - killed_at < 30:
+        time.sleep(0.05)
+    noticed = time.monotonic() - killed_at
+    assert verdict_path.exists() and noticed < 5 + 10, f"node 0 took {noticed:.1f} s to decide"
+    verdict = json.loads(verdict_path.read_text())
+    assert verdict["failure"]["kind"] == "killed" and verdict["decision"]["action"] == "restart"
+    resumed = start(tmp_path, "resume", str(run / "nodes/node-1"), "--no-ui", env={"FTRAIN_NODE_TIMEOUT": "5"},
+                    name="node1b")
+    assert finish(node0, 180) == 0, (tmp_path / "node0.out").read_text()
+    assert finish(resumed, 60) == 0, (tmp_path / "node1b.out").read_text()
+    lead, other = events(run), events(run / "nodes/node-1")
+    assert lead[-1]["status"] == other[-1]["status"] == "succeeded"
+    assert of(lead, "attempt_start")[-1]["attempt"] == of(other, "attempt_start")[-1]["attempt"]
+    assert of(lead, "attempt_start")[-1]["resume_step"] == of(other, "attempt_start")[-1]["resume_step"]
+    assert_no_rank_survives(watch, run, run / "nodes/node-1")
