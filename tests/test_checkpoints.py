@@ -316,10 +316,10 @@ def _kill_during_saves(saver: tuple[subprocess.Popen[str], Path], iterations: in
 
 def test_sigkill_during_saves_never_leaves_a_bad_checkpoint_that_looks_good(
         saver: tuple[subprocess.Popen[str], Path]) -> None:
-    _kill_during_saves(saver, iterations=20)
+    _kill_during_saves(saver, iterations=50)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("RUN_SLOW"), reason="slow: set RUN_SLOW=1")
 def test_sigkill_during_saves_many_times(saver: tuple[subprocess.Popen[str], Path]) -> None:
-    _kill_during_saves(saver, iterations=50)
+    _kill_during_saves(saver, iterations=200)
