@@ -22,7 +22,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import psutil
 
@@ -155,12 +155,19 @@ class Child:
             os.set_blocking(stream.fileno(), False)
             self._sel.register(stream.fileno(), selectors.EVENT_READ, is_err)
         self._open_fds = 2
+        self.woken = False  # a wake-up fd (see ``wake_on``) fired during the last pump
         self.returncode: int | None = None
+
+    def wake_on(self, fd: int, drain: Callable[[], None]) -> None:
+        """Also return from ``pump`` as soon as ``fd`` is readable (a file-change notifier);
+        ``drain`` empties it. The caller owns ``fd``."""
+        self._sel.register(fd, selectors.EVENT_READ, drain)
 
     # ------------------------------------------------------------------ output
     def pump(self, timeout: float) -> bool:
         """Move output for up to ``timeout`` seconds; False once the child has exited and its
         pipes are drained (or held open only by strays, which ``finish`` will stop)."""
+        self.woken = False
         if self._open_fds:
             for key, _ in self._sel.select(timeout):
                 self._read(key.fd, key.data)
@@ -181,7 +188,11 @@ class Child:
             self._drain(deadline=time.monotonic() + 0.05)
         return self.returncode is None
 
-    def _read(self, fd: int, is_err: bool) -> bool:
+    def _read(self, fd: int, is_err: Any) -> bool:
+        if callable(is_err):  # a wake-up fd, not one of the child's pipes
+            is_err()
+            self.woken = True
+            return True
         try:
             data = os.read(fd, 1 << 16)
         except BlockingIOError:
