@@ -20,8 +20,9 @@ import yaml
 
 from ftrain.errors import ConfigError
 
-class ConfigLoader(yaml.SafeLoader):
-    """Safe YAML, but ``3e-4`` is a float as YAML 1.2 (and every ML config author) reads it."""
+class ConfigLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """Safe YAML (libyaml's parser when present), but ``3e-4`` is a float as YAML 1.2 (and
+    every ML config author) reads it."""
 
 
 ConfigLoader.add_implicit_resolver(
@@ -37,6 +38,16 @@ ConfigLoader.add_implicit_resolver(
 
 def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=ConfigLoader)
+
+
+def compose_and_load(text: str) -> tuple[yaml.Node | None, Any]:
+    """The node tree (for line numbers) and the data, from one parse."""
+    loader = ConfigLoader(text)
+    try:
+        node = loader.get_single_node()
+        return node, (loader.construct_document(node) if node is not None else None)
+    finally:
+        loader.dispose()
 
 
 def describe_yaml_error(exc: yaml.YAMLError) -> tuple[int, str]:

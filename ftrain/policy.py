@@ -9,7 +9,6 @@ touches a process or a file beyond reading the policy.
 from __future__ import annotations
 
 import enum
-import importlib.resources
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Protocol, Sequence
@@ -18,7 +17,7 @@ import yaml
 
 from ftrain.errors import PolicyError
 from ftrain.kinds import ANOMALY_KINDS, Failure, FailureKind
-from ftrain.overrides import ConfigLoader, OverrideSpec, describe_yaml_error, has_key, load_yaml, resolve
+from ftrain.overrides import OverrideSpec, compose_and_load, describe_yaml_error, has_key, resolve
 from ftrain.watch import DetectSpec, HangSpec, NonfiniteSpec, SpikeSpec, ThresholdSpec, parse_duration
 
 
@@ -248,7 +247,7 @@ class Policy:
 
 def default_policy_path() -> Path:
     """The built-in default policy, shipped inside the package."""
-    return Path(str(importlib.resources.files("ftrain") / "policy.default.yaml"))
+    return Path(__file__).with_name("policy.default.yaml")
 
 
 def load_policy(path: Path | None) -> Policy:
@@ -336,8 +335,7 @@ class _Checker:
 def parse_policy(text: str, source: str) -> Policy:
     """Validate policy text; raise PolicyError listing every problem with file:line: key."""
     try:
-        node = yaml.compose(text, Loader=ConfigLoader)
-        data = load_yaml(text)
+        node, data = compose_and_load(text)
     except yaml.YAMLError as exc:
         line, problem = describe_yaml_error(exc)
         raise PolicyError([f"{source}:{line}: malformed YAML: {problem}"]) from exc

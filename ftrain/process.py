@@ -22,9 +22,11 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-import psutil
+if TYPE_CHECKING:  # psutil is imported where it is used: it costs start-up time before the first child
+    import psutil
+
 
 TAIL_BYTES = 256 * 1024
 _PR_SET_PDEATHSIG = 1
@@ -77,6 +79,7 @@ def descendants(pid: int) -> list[int]:
 
 
 def _psutil_children(pid: int) -> list[psutil.Process]:
+    import psutil
     try:
         return psutil.Process(pid).children(recursive=True)
     except psutil.Error:
@@ -241,6 +244,7 @@ class Child:
     def _scan_descendants(self) -> None:
         """Remember every descendant (pid, create time), so one that leaves the group or
         the tree (``setsid``, reparenting) can still be found and stopped."""
+        import psutil
         for pid in descendants(self.pid):
             if pid not in self._known:
                 try:
@@ -250,6 +254,7 @@ class Child:
 
     def _members(self) -> list[psutil.Process]:
         """Every live process of this attempt we can name."""
+        import psutil
         found: dict[int, psutil.Process] = {}
         for pid, created in self._known.items():
             try:
@@ -272,6 +277,7 @@ class Child:
 
     def signal(self, sig: int, *, group: bool = True) -> None:
         """Send ``sig`` to the leader, or to its process group and every known descendant."""
+        import psutil
         if self.returncode is None:
             try:
                 if group:
@@ -332,6 +338,7 @@ class Child:
 
     def _kill_strays(self) -> int:
         """SIGKILL every remaining process of the attempt and reap what is ours."""
+        import psutil
         try:
             os.killpg(self.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -350,6 +357,7 @@ def stop_leftover(pid: int, started_by: float, grace: float = 10.0) -> bool:
     """Stop a process tree left running by a supervisor that died (found by pid in the
     journal), unless the pid now belongs to a process born after ``started_by``.
     TERM to the tree, ``grace``, KILL. True if there was one to stop."""
+    import psutil
     try:
         proc = psutil.Process(pid)
         if proc.create_time() > started_by + 2.0:

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 
 from ftrain import __version__, checkpoints, overrides
-from ftrain.classify import classify, read_oom_kill_count
 from ftrain.errors import RunDirError, UsageError
 from ftrain.inject import Fault, format_inject
 from ftrain.journal import JOURNAL_VERSION, Event, Journal, RunStatus, read_journal
@@ -514,7 +513,6 @@ class Supervisor:
                 line_hook = self._metrics_from_output(n)
         tailer = Tailer(self.metrics_path, start_at_end=True)
         watch = AttemptWatch()
-        oom_before = read_oom_kill_count()
         try:
             child = Child(command, env=env, cwd=self.launch.cwd, log_path=attempt_dir / "output.log",
                           sink=self.report.output, line_hook=line_hook)
@@ -525,6 +523,9 @@ class Supervisor:
                            resume_from=self.state.resume_from, resume_step=self.state.resume_step,
                            skip_steps=[f"{a}-{b}" for a, b in self.state.skip] or None,
                            inject=format_inject(self.state.inject) or None)
+        from ftrain.classify import read_oom_kill_count  # after the spawn: its patterns take a while to compile
+
+        oom_before = read_oom_kill_count()
         where = f"from {Path(self.state.resume_from).name}" if self.state.resume_from else "fresh"
         self._say(f"attempt {n} started (pid {child.pid}, {where})")
         self.detectors.start_attempt(time.monotonic(), attempt=n)
@@ -542,7 +543,10 @@ class Supervisor:
         while child.pump(timeout):
             now = time.monotonic()
             seen = watch.steps
-            anomaly = self._ingest(tailer, watch, n, ignored) or self.detectors.check_hang(now)
+            anomaly = self._ingest(tailer, watch, n, ignored)
+            if anomaly is not None:
+                break
+            anomaly = self.detectors.check_hang(now)
             if anomaly is None and self.dist is not None:   # one stuck rank, a failed or lost node
                 anomaly = self.dist.check(self.detectors.hang_timeout, step=watch.last_step)
             if anomaly is not None and self._act_on(anomaly, n, ignored):
@@ -604,6 +608,9 @@ class Supervisor:
         return hook
 
     def _ingest(self, tailer: Tailer, watch: AttemptWatch, n: int, ignored: set, act: bool = True) -> Anomaly | None:
+        """Take the new records: the attempt's view, the listeners, the detectors. With ``act``,
+        returns the first anomaly that must stop the attempt (journaled already); the records
+        after it are still counted and mirrored, but no longer judged."""
         now = time.monotonic()
         found: Anomaly | None = None
         saves = watch.saves
@@ -611,12 +618,15 @@ class Supervisor:
             watch.see(record, now)
             for listener in self.listeners:
                 listener.on_metrics(record)
+            if found is not None:
+                continue
             anomaly = self.detectors.feed(record, now)
-            if anomaly is not None and found is None:
-                if act:
-                    found = anomaly
-                    break
+            if anomaly is None:
+                continue
+            if not act:
                 self._record_anomaly(anomaly, n)
+            elif self._act_on(anomaly, n, ignored):
+                found = anomaly
         if watch.saves != saves:
             self._retain(watch)
         return found
@@ -664,6 +674,7 @@ class Supervisor:
 
     def _classify(self, anomaly: Anomaly | None, exit_: Exit, child: Child, watch: AttemptWatch,
                   oom_before: int | None, interrupted: bool) -> Failure | None:
+        from ftrain.classify import classify, read_oom_kill_count
         if anomaly is not None:
             if self.dist is not None:
                 anomaly = self.dist.explain(anomaly)
