@@ -250,6 +250,7 @@ def print_checkpoints(path: Path, found: Sequence[checkpoints.Checkpoint]) -> No
 
     console = Console()
     chosen = checkpoints.newest_usable(found)
+    best = _pinned_best(path, found)
     foreign = any(ckptfmt.parse_step(Path(c.path).name) is None for c in found)
     table = Table(title=str(path), title_justify="left")
     columns = ["", "step", "saved", "size", "att", "metrics", "status"] + (["file"] if foreign else [])
@@ -259,6 +260,8 @@ def print_checkpoints(path: Path, found: Sequence[checkpoints.Checkpoint]) -> No
     colors = {"ok": "green", "corrupt": "red", "partial": "red", "unverified": "yellow", "quarantined": "magenta"}
     for c in found:
         mark = "→" if chosen is not None and c.path == chosen.path else ""
+        if best is not None and c.path == best.path:
+            mark += "★"
         metrics = ", ".join(f"{k}={_fmt_v(v)}" for k, v in list((c.metrics or {}).items())[:2]) or "-"
         status = c.status.value
         row = [mark, "-" if c.step is None else str(c.step), _fmt_t(c.t), _size(c.bytes),
@@ -271,10 +274,33 @@ def print_checkpoints(path: Path, found: Sequence[checkpoints.Checkpoint]) -> No
         note = getattr(c, "note", None)
         if note and c.status is not checkpoints.CheckpointStatus.OK:
             console.print(f"  {Path(c.path).name}: {c.status.value}: {note}")
+    if best is not None:
+        console.print(f"★ the best by the policy's keep_best, kept whatever retention says: "
+                      f"{Path(best.path).name} (step {best.step})")
     if chosen is not None:
         console.print(f"→ a restart would resume from {Path(chosen.path).name} (step {chosen.step})")
     else:
         console.print("no usable checkpoint: a restart would start from scratch")
+
+
+def _pinned_best(path: Path, found: Sequence[checkpoints.Checkpoint]) -> checkpoints.Checkpoint | None:
+    """The checkpoint the run's ``keep_best`` pins, when ``path`` is a run's checkpoint folder."""
+    run_json = path.parent / "run.json"
+    try:
+        source = json.loads(run_json.read_text()).get("policy")
+    except (OSError, ValueError, AttributeError):
+        return None
+    from ftrain.errors import FtrainError
+    from ftrain.policy import load_policy
+
+    try:
+        policy = load_policy(None if not source or str(source).startswith("<") else Path(source))
+    except FtrainError:
+        return None
+    keep = policy.checkpoints
+    if not keep.keep_best_metric:
+        return None
+    return checkpoints.best_of(found, keep.keep_best_metric, keep.keep_best_mode)
 
 
 def _size(n: int | None) -> str:

@@ -75,6 +75,8 @@ def test_retention_keeps_last_every_best_and_what_rollback_needs(tmp_path, write
     assert any(s <= 29 - 5 for s in kept)
     assert len(kept) < 10
     assert all((run / "checkpoints" / f"step-{s:08d}.json").exists() for s in kept)
+    text = run_ftrain("inspect", str(run / "checkpoints"), cwd=tmp_path).stdout
+    assert "★ the best by the policy's keep_best" in text and "step-00000027.pt (step 27)" in text
 
 
 def test_kill_9_of_the_supervisor_then_resume_finishes_without_a_second_trainer(tmp_path, write):
