@@ -106,8 +106,6 @@ class Exit:
 
     returncode: int
     pid: int
-    stopped_by_us: bool
-    killed_after_grace: bool
     strays_killed: int
 
     @property
@@ -306,7 +304,6 @@ class Child:
         if self.returncode is None:
             self.signal(signal.SIGTERM, group=not cooperative)
         self._wait(grace)
-        self._killed_after_grace = self.returncode is None
         if self.returncode is None:
             self.signal(signal.SIGKILL)
             self._wait(5.0)
@@ -316,7 +313,7 @@ class Child:
         while self.returncode is None and time.monotonic() < deadline:
             self.pump(min(0.02, max(0.0, deadline - time.monotonic())))
 
-    def finish(self, *, stopped_by_us: bool = False) -> Exit:
+    def finish(self) -> Exit:
         """Reap the leader, kill whatever of the attempt is left, close everything."""
         if self.returncode is None:
             self.returncode = self.proc.wait()
@@ -333,8 +330,7 @@ class Child:
             self._line_hook(self._partial.decode("utf-8", "replace"))
             self._partial = b""
         self._log.close()
-        return Exit(self.returncode, self.pid, stopped_by_us,
-                    getattr(self, "_killed_after_grace", False), strays)
+        return Exit(self.returncode, self.pid, strays)
 
     def _kill_strays(self) -> int:
         """SIGKILL every remaining process of the attempt and reap what is ours."""

@@ -18,7 +18,7 @@ from ftrain.journal import JOURNAL_VERSION, Event, read_journal
 from ftrain.policy import load_policy
 from ftrain.process import become_subreaper
 from ftrain.supervisor import (LaunchSpec, RunState, Supervisor, build_command, check_fresh_run_dir,
-                               new_run_dir, _remove_fault)
+                               new_run_dir, remove_fault)
 from ftrain.view import make_reporter
 
 RUNS_DIR = Path("runs")
@@ -172,7 +172,7 @@ def fired_injections(metrics_path: Path) -> list[tuple[str, int | None]]:
         except ValueError:
             continue
         if isinstance(record, dict) and record.get("ftrain") == "inject":
-            fired.append((str(record.get("fault")), record.get("step")))
+            fired.append((str(record.get("fault")), record.get("at")))
     return fired
 
 
@@ -191,8 +191,8 @@ def resume_run(run_dir: Path | None, *, max_restarts: int | None, no_ui: bool) -
     policy = load_policy(None if not source or source.startswith("<") else Path(source))
     faults = _parse_inject(info.get("inject"))
     state = RunState.replay(events, info.get("base_config") or {}, faults)
-    for kind, step in fired_injections(run_dir / "metrics.jsonl"):
-        state.inject = _remove_fault(state.inject, kind, step)
+    for kind, at in fired_injections(run_dir / "metrics.jsonl"):
+        state.inject = remove_fault(state.inject, kind, at)
 
     if state.finished is not None:
         status = state.finished.get("status")

@@ -119,7 +119,9 @@ class RunState:
     @classmethod
     def replay(cls, events: Sequence[Mapping[str, Any]], base_config: Mapping[str, Any],
                inject: Sequence[Fault]) -> "RunState":
-        """Rebuild the state from journal events (DESIGN §4)."""
+        """Rebuild the state from journal events (DESIGN §4). ``inject`` is what is still to
+        fire: the caller takes the fired faults from the metrics stream, which also holds those
+        of an attempt whose supervisor died before journaling its end."""
         state = cls(config=dict(base_config), inject=list(inject))
         for ev in events:
             name = ev.get("event")
@@ -127,8 +129,6 @@ class RunState:
                 state.attempt = max(state.attempt, int(ev.get("attempt", 0)))
                 state.finished = None
             elif name == Event.ATTEMPT_END.value:
-                for kind, step in ev.get("injected", []):
-                    state.inject = _remove_fault(state.inject, kind, step)
                 reached = ev.get("max_step")
                 if reached is not None and (state.best_step is None or reached > state.best_step):
                     state.best_step = reached
@@ -149,16 +149,16 @@ def _parse_window(text: str) -> tuple[int, int]:
     return int(a), int(b or a)
 
 
-def _remove_fault(faults: Sequence[Fault], kind: str, step: int | None) -> list[Fault]:
-    """Drop the fault of ``kind`` that fired at logged ``step`` (the earliest one due)."""
-    due = [f for f in faults if f.kind == kind and (step is None or f.step <= step)]
-    if not due:
-        due = [f for f in faults if f.kind == kind]
-    if not due:
-        return list(faults)
-    gone = min(due, key=lambda f: f.step)
+def remove_fault(faults: Sequence[Fault], kind: str, at: int | None) -> list[Fault]:
+    """``faults`` without the one that fired: ``kind@at`` as the shim reported it (or, when
+    ``at`` is unknown, the earliest of that kind). A fault already removed stays removed."""
     out = list(faults)
-    out.remove(gone)
+    if at is not None:
+        gone = Fault(kind, at) if Fault(kind, at) in out else None
+    else:
+        gone = min((f for f in out if f.kind == kind), key=lambda f: f.step, default=None)
+    if gone is not None:
+        out.remove(gone)
     return out
 
 
@@ -170,7 +170,6 @@ class AttemptWatch:
     last_step: int | None = None
     max_step: int | None = None
     steps: int = 0
-    first_step_t: float | None = None
     fired: list[tuple[str, int | None]] = field(default_factory=list)
     stop_requested: bool = False
     saves: int = 0
@@ -188,7 +187,7 @@ class AttemptWatch:
         control = record.get("ftrain")
         if control is not None:
             if control == "inject":
-                self.fired.append((str(record.get("fault")), record.get("step")))
+                self.fired.append((str(record.get("fault")), record.get("at")))
             elif control == "stop_requested":
                 self.stop_requested = True
             elif control == "config":
@@ -200,7 +199,7 @@ class AttemptWatch:
         if type(step) is not int:
             return
         if self.first_step is None:
-            self.first_step, self.first_step_t = step, now
+            self.first_step = step
         self.last_step = step
         if self.max_step is None or step > self.max_step:
             self.max_step = step
@@ -414,7 +413,7 @@ class Supervisor:
             if progress:
                 self.state.best_step = watch.max_step
             for kind, step in watch.fired:
-                self.state.inject = _remove_fault(self.state.inject, kind, step)
+                self.state.inject = remove_fault(self.state.inject, kind, step)
 
             interrupted = self._signal is not None
             if failure is None or interrupted:
@@ -571,7 +570,7 @@ class Supervisor:
                 self.dist.dump_stacks()
                 dump = False
             child.stop(self.policy.grace, dump_stacks=dump, cooperative=False)
-        exit_ = child.finish(stopped_by_us=anomaly is not None or interrupted_sent)
+        exit_ = child.finish()
         self._ingest(tailer, watch, n, ignored, act=False)
         tailer.close()
         while self._hook_fds:

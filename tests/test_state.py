@@ -266,3 +266,32 @@ def test_inspect_run_story_and_plot(tmp_path, write):
     png = tmp_path / "run.png"
     assert run_ftrain("inspect", str(run), "--plot", str(png), cwd=tmp_path).returncode == 0
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_fault_that_fired_is_removed_once_and_only_it():
+    """Resume takes fired faults from the metrics stream: the same report read twice must not
+    remove a later fault of the same kind."""
+    from ftrain.inject import parse_inject
+    from ftrain.supervisor import remove_fault
+
+    faults = list(parse_inject("oom@1,oom@3,segv@5"))
+    left = remove_fault(faults, "oom", 1)
+    assert [str(f) for f in left] == ["oom@3", "segv@5"]
+    assert remove_fault(left, "oom", 1) == left          # already gone: nothing else goes
+    assert [str(f) for f in remove_fault(left, "oom", None)] == ["segv@5"]
+
+
+def test_resume_keeps_the_faults_that_did_not_fire(tmp_path, write):
+    policy, cfg = write("p.yaml", POLICY), write("c.yaml", config(400, 0, 0.02))
+    run = tmp_path / "run"
+    proc = subprocess.Popen(ftrain_cmd("run", JOB, "--policy", str(policy), "--config", str(cfg),
+                                       "--run-dir", str(run), "--no-ui", "--inject", "kill@3,kill@60"),
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_step(run, 20)  # kill@3 fired in attempt 1; attempt 2 is running
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    p = run_ftrain("resume", str(run), "--no-ui", cwd=tmp_path, timeout=120)
+    assert p.returncode == 0, p.stderr
+    starts = of(events(run), "attempt_start")
+    assert starts[-2]["inject"] == "kill@60"  # the resumed attempt still has the one to come
+    assert [f["kind"] for f in of(events(run), "failure")] == ["killed", "preempted", "killed"]
