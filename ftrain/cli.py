@@ -148,7 +148,7 @@ def policy_check(file: Path, config_path: Path | None) -> None:
 
         ScriptAdapter.from_policy(pol.script, source=pol.source, config=config)
     click.echo(f"{file}: ok — {len(pol.rules)} rule(s), max_restarts {pol.max_restarts}, "
-               f"no_progress {pol.no_progress}")
+               f"no_progress {pol.no_progress}, grace {pol.grace:g}s, warm_start {str(pol.warm_start).lower()}")
     for rule in pol.rules:
         extra = []
         if rule.set:

@@ -41,7 +41,7 @@ class Action(str, enum.Enum):
 
 
 RULE_KINDS = frozenset(FailureKind) - {FailureKind.NO_PROGRESS}
-TOP_KEYS = ("version", "max_restarts", "backoff", "no_progress", "grace", "detect", "rules",
+TOP_KEYS = ("version", "max_restarts", "backoff", "no_progress", "grace", "warm_start", "detect", "rules",
             "checkpoints", "script")
 RULE_KEYS = ("when", "action", "set", "max", "margin", "skip_steps")
 BACKOFF_KEYS = ("initial", "factor", "max")
@@ -158,6 +158,7 @@ class Policy:
     backoff: Backoff = Backoff()
     no_progress: int = 3
     grace: float = 30.0
+    warm_start: bool = True     # start the next attempt's interpreter early (ftrain.warm)
     detect: DetectSpec = field(default_factory=DetectSpec.default)
     checkpoints: CheckpointRetention = CheckpointRetention()
     script: Mapping[str, Any] = field(default_factory=dict)
@@ -352,6 +353,9 @@ def parse_policy(text: str, source: str) -> Policy:
     max_restarts = c.number(data, "max_restarts", (), integer=True, minimum=0, default=8)
     no_progress = c.number(data, "no_progress", (), integer=True, minimum=1, default=3)
     grace = c.duration(data, "grace", (), 30.0)
+    warm_start = data.get("warm_start", True)
+    if not isinstance(warm_start, bool):
+        c.error(("warm_start",), f"must be true or false, not {warm_start!r}")
     backoff = _parse_backoff(c, data.get("backoff"))
     detect = _parse_detect(c, data.get("detect", {}))
     rules = _parse_rules(c, data.get("rules", []))
@@ -364,7 +368,7 @@ def parse_policy(text: str, source: str) -> Policy:
         raise PolicyError(c.errors)
     return Policy(source=source, rules=tuple(rules), max_restarts=max_restarts, backoff=backoff,
                   no_progress=no_progress, grace=grace if grace is not None else 30.0, detect=detect,
-                  checkpoints=retention, script=script)
+                  checkpoints=retention, script=script, warm_start=warm_start)
 
 
 def _parse_backoff(c: _Checker, raw: Any) -> Backoff:

@@ -22,13 +22,14 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping, Sequence
 
 if TYPE_CHECKING:  # psutil is imported where it is used: it costs start-up time before the first child
     import psutil
 
 
 TAIL_BYTES = 256 * 1024
+ANSWER_WAIT = 1.0   # seconds a possibly stuck child has to show it acts on a TERM (see ``stop``)
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -39,6 +40,7 @@ except (OSError, AttributeError):  # not Linux
     _prctl = None
 
 _subreaper = False  # set by become_subreaper(); then orphans of an attempt are our children
+_leaders: set[int] = set()  # every live Child: a subreaper's scan for orphans leaves the others alone
 OutputSink = Callable[[bytes, bool], None]  # (data, is_stderr)
 
 
@@ -52,9 +54,10 @@ def become_subreaper() -> bool:
     return _subreaper
 
 
-def descendants(pid: int) -> list[int]:
+def descendants(pid: int, skip: Collection[int] = ()) -> list[int]:
     """All descendants of ``pid``, read from ``/proc/<pid>/task/*/children`` (cheap: no scan
-    of every process); falls back to psutil where that file does not exist."""
+    of every process), leaving out the subtrees of ``skip``; falls back to psutil where that
+    file does not exist."""
     out: list[int] = []
     todo = [pid]
     while todo:
@@ -73,6 +76,7 @@ def descendants(pid: int) -> list[int]:
                 continue
             except OSError:
                 return [p.pid for p in _psutil_children(pid)]
+            kids = [k for k in kids if k not in skip]
             out.extend(kids)
             todo.extend(kids)
     return out
@@ -127,11 +131,13 @@ class Child:
         *,
         env: Mapping[str, str],
         cwd: Path | None,
-        log_path: Path,
+        log_path: Path | None,
         sink: OutputSink | None = None,
         line_hook: Callable[[str], None] | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> None:
-        self._log = open(log_path, "ab", buffering=0)
+        # No log_path: a spare (ftrain.warm) whose output waits in its pipes until ``adopt``.
+        self._log = open(log_path, "ab", buffering=0) if log_path is not None else None
         self._sink = sink
         self._line_hook = line_hook
         self._partial = b""
@@ -141,13 +147,15 @@ class Child:
         try:
             self.proc = subprocess.Popen(
                 list(argv), env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=tuple(pass_fds),
                 start_new_session=True, preexec_fn=_child_setup(os.getpid()),
             )
         except OSError:
-            self._log.close()
+            if self._log is not None:
+                self._log.close()
             raise
         self.pid = self.proc.pid
+        _leaders.add(self.pid)
         self._known: dict[int, float] = {}
         self._last_scan = time.monotonic()
         self._sel = selectors.DefaultSelector()
@@ -158,6 +166,16 @@ class Child:
         self._open_fds = 2
         self.woken = False  # a wake-up fd (see ``wake_on``) fired during the last pump
         self.returncode: int | None = None
+
+    def adopt(self, log_path: Path, sink: OutputSink | None = None,
+              line_hook: Callable[[str], None] | None = None) -> None:
+        """Make a spare started without a log the attempt that writes to ``log_path``; what it
+        printed while it waited goes there first."""
+        assert self._log is None, "adopt() is for a child started without a log"
+        self._log = open(log_path, "ab", buffering=0)
+        self._sink = sink
+        self._line_hook = line_hook
+        self.started = time.time()
 
     def wake_on(self, fd: int, drain: Callable[[], None]) -> None:
         """Also return from ``pump`` as soon as ``fd`` is readable (a file-change notifier);
@@ -204,7 +222,8 @@ class Child:
             self._sel.unregister(fd)
             self._open_fds -= 1
             return False
-        self._log.write(data)
+        if self._log is not None:
+            self._log.write(data)
         if self._sink is not None:
             self._sink(data, is_err)
         self._tail.append(data)
@@ -262,8 +281,9 @@ class Child:
             except psutil.Error:
                 pass
         roots = [self.pid] + ([os.getpid()] if _subreaper else [])  # a subreaper adopts the orphans
+        others = _leaders - {self.pid}   # a spare waiting for the next attempt is not one of ours
         for root in roots:
-            for pid in descendants(root):
+            for pid in descendants(root, skip=others):
                 if pid != self.pid and pid not in found:
                     try:
                         p = psutil.Process(pid)
@@ -292,17 +312,23 @@ class Child:
                 except psutil.Error:
                     pass
 
-    def stop(self, grace: float, *, dump_stacks: bool = False, cooperative: bool = True) -> None:
+    def stop(self, grace: float, *, dump_stacks: bool = False, cooperative: bool = True,
+             answered: Callable[[], bool] | None = None) -> None:
         """Ask the child to stop, then make sure it does: [USR1 →] TERM → grace → KILL.
 
         ``cooperative``: TERM goes to the leader only first, so the shim's ``should_stop()``
         turns true and the script can save and leave; its workers are not shot mid-batch.
+        ``answered``: for a child that may be stuck: unless it says within ``ANSWER_WAIT``
+        that it is acting on the TERM, it gets no more of the grace.
         """
         if self.returncode is None and dump_stacks:
             self.signal(signal.SIGUSR1, group=False)
             self._wait(0.5)
         if self.returncode is None:
             self.signal(signal.SIGTERM, group=not cooperative)
+        if answered is not None and grace > ANSWER_WAIT:
+            self._wait(ANSWER_WAIT)
+            grace = grace - ANSWER_WAIT if answered() else 0.0
         self._wait(grace)
         if self.returncode is None:
             self.signal(signal.SIGKILL)
@@ -318,6 +344,7 @@ class Child:
         if self.returncode is None:
             self.returncode = self.proc.wait()
         self._drain(deadline=time.monotonic() + 0.05)
+        _leaders.discard(self.pid)
         strays = self._kill_strays()
         self._drain(deadline=time.monotonic() + 0.2)
         for key in list(self._sel.get_map().values()):
@@ -329,7 +356,8 @@ class Child:
         if self._partial and self._line_hook is not None:
             self._line_hook(self._partial.decode("utf-8", "replace"))
             self._partial = b""
-        self._log.close()
+        if self._log is not None:
+            self._log.close()
         return Exit(self.returncode, self.pid, strays)
 
     def _kill_strays(self) -> int:

@@ -38,6 +38,7 @@ class AttemptRow:
     overrides: dict[str, Any] = field(default_factory=dict)
     steps_lost: int = 0
     kept_seconds: float = 0.0
+    warm: bool = False   # ran in a spare interpreter started ahead (ftrain.warm)
 
     @property
     def duration(self) -> float | None:
@@ -53,7 +54,7 @@ class AttemptRow:
             "time_to_first_step": self.time_to_first_step, "first_step": self.first_step,
             "last_step": self.last_step, "steps": self.steps, "resume_step": self.resume_step,
             "kind": self.kind, "exit_code": self.exit_code, "decision": self.decision, "reason": self.reason,
-            "overrides": self.overrides, "steps_lost": self.steps_lost,
+            "overrides": self.overrides, "steps_lost": self.steps_lost, "warm": self.warm,
         }
 
 
@@ -109,7 +110,7 @@ def run_story(run_dir: Path) -> RunStory:
     for ev in events:
         name, n = ev.get("event"), ev.get("attempt")
         if name == Event.ATTEMPT_START.value and isinstance(n, int):
-            rows[n] = AttemptRow(n, ev["t"], overrides=dict(ev.get("overrides") or {}))
+            rows[n] = AttemptRow(n, ev["t"], overrides=dict(ev.get("overrides") or {}), warm=bool(ev.get("warm")))
             rr = ev.get("resume_from")
             rows[n].resume_step = ev.get("resume_step", ckptfmt.guess_step(Path(rr).name) if rr else None)
         elif name == Event.ATTEMPT_END.value and n in rows:
@@ -225,6 +226,10 @@ def print_story(story: RunStory) -> None:
                       str(a.steps_lost), "-" if a.resume_step is None else str(a.resume_step),
                       a.kind or ("ok" if a.end else "running"), a.decision or "-")
     console.print(table)
+    warm = [str(a.attempt) for a in story.attempts if a.warm]
+    if warm:
+        console.print(f"  warm start (interpreter and imports ready ahead): attempt{'s' if len(warm) > 1 else ''} "
+                      + ", ".join(warm))
     previous: dict[str, Any] = {}
     for a in story.attempts:
         changed = {k: v for k, v in a.overrides.items() if previous.get(k) != v}

@@ -93,6 +93,11 @@ class _State:
 
             self.faults = sorted(parse_inject(inject), key=lambda f: f.step)
             self.next_fault_step = self.faults[0].step if self.faults else math.inf
+        # Where the first log() lists the modules start-up imported, for the next attempt's
+        # spare interpreter to import ahead (ftrain.warm). Not under torchrun: no spares there.
+        self.modules_path: str | None = None
+        if self.run_dir is not None and self.attempt is not None and rank is None:
+            self.modules_path = os.path.join(self.run_dir, "attempts", f"{self.attempt:04d}", "modules.txt")
         self.save_thread: threading.Thread | None = None
         self.save_error: BaseException | None = None
         self.save_error_step: int | None = None
@@ -147,6 +152,8 @@ def log(step: int, *, rank_zero_only: bool = True, **metrics: Any) -> None:
     """
     st = _st
     st.last_step = step
+    if st.modules_path is not None:
+        _record_modules()
     if step >= st.next_fault_step:
         metrics = _fire_due(step, metrics)
     st.last_metrics = metrics
@@ -260,6 +267,29 @@ def _write(record: dict[str, Any]) -> None:
     written = os.write(fd, data)
     if written < len(data):   # only near a full disk; finish the line or raise its error
         _write_all(fd, memoryview(data)[written:])
+
+
+def _record_modules() -> None:
+    """Write the names of the modules imported so far that come from outside the script's
+    folder (torch, torch._dynamo that an optimizer pulls in, …), once, in import order."""
+    path, _st.modules_path = _st.modules_path, None
+    assert path is not None
+    main = sys.modules.get("__main__")
+    here = os.path.dirname(os.path.abspath(getattr(main, "__file__", None) or ".")) + os.sep
+    names = []
+    for name, module in list(sys.modules.items()):
+        spec = getattr(module, "__spec__", None)
+        origin = getattr(spec, "origin", None)
+        if (spec is None or spec.name != name or name.partition(".")[0] in ("ftrain", "__main__", "__mp_main__")
+                or origin in ("built-in", "frozen") or (origin or "").startswith(here)):
+            continue
+        names.append(name)
+    try:
+        with open(path + ".tmp", "w") as f:
+            f.write("\n".join(names) + "\n")
+        os.replace(path + ".tmp", path)
+    except OSError:   # only an optimisation of the next start
+        pass
 
 
 def _open_metrics() -> int:

@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
 from ftrain import __version__, checkpoints, overrides
 from ftrain.errors import RunDirError, UsageError
@@ -33,6 +33,7 @@ from ftrain.journal import JOURNAL_VERSION, Event, Journal, RunStatus, read_jour
 from ftrain.kinds import Failure, FailureKind
 from ftrain.policy import Action, Decision, History, Policy
 from ftrain.process import Child, Exit, stop_leftover
+from ftrain.warm import Spare, fits
 from ftrain.watch import Anomaly, ChangeNotifier, Detectors, Tailer
 
 if TYPE_CHECKING:
@@ -298,6 +299,7 @@ class Supervisor:
         if dist is not None:
             dist.bind(self._say)
         self._hook_fds: list[int] = []
+        self._spare: Spare | None = None   # the next attempt's interpreter, imports done (ftrain.warm)
         self.listeners = list(listeners)
         self._notifier: ChangeNotifier | None = None
         self.open_attempt: dict[str, Any] | None = None  # resume: an attempt whose supervisor died
@@ -329,6 +331,9 @@ class Supervisor:
                           f" (restarts so far {self.state.restarts}, overrides {self.state.overrides or 'none'})")
             return self._loop()
         finally:
+            if self._spare is not None:
+                self._spare.discard()
+                self._spare = None
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.journal.close()
@@ -512,12 +517,8 @@ class Supervisor:
                 line_hook = self._metrics_from_output(n)
         tailer = Tailer(self.metrics_path, start_at_end=True)
         watch = AttemptWatch()
-        try:
-            child = Child(command, env=env, cwd=self.launch.cwd, log_path=attempt_dir / "output.log",
-                          sink=self.report.output, line_hook=line_hook)
-        except OSError as exc:
-            raise UsageError(f"{self.launch.command[0]}: cannot start: {exc.strerror}") from exc
-        self._event(Event.ATTEMPT_START, attempt=n, pid=child.pid, command=list(command),
+        child, warm = self._launch(command, env, attempt_dir / "output.log", line_hook)
+        self._event(Event.ATTEMPT_START, attempt=n, pid=child.pid, command=list(command), warm=warm,
                            config_path=str(config_path), overrides=dict(self.state.overrides),
                            resume_from=self.state.resume_from, resume_step=self.state.resume_step,
                            skip_steps=[f"{a}-{b}" for a, b in self.state.skip] or None,
@@ -526,7 +527,7 @@ class Supervisor:
 
         oom_before = read_oom_kill_count()
         where = f"from {Path(self.state.resume_from).name}" if self.state.resume_from else "fresh"
-        self._say(f"attempt {n} started (pid {child.pid}, {where})")
+        self._say(f"attempt {n} started (pid {child.pid}, {where}{', warm' if warm else ''})")
         self.detectors.start_attempt(time.monotonic(), attempt=n)
         if self.dist is not None:
             self.dist.start_attempt(n, attempt_dir, child.pid)
@@ -539,12 +540,17 @@ class Supervisor:
         if self._notifier is not None:
             child.wake_on(self._notifier.fileno(), self._notifier.drain)
             timeout = POLL_IDLE
+        want_spare = (self.policy.warm_start and self.dist is None and fits(command, sys.executable)
+                      and self._spare is None)
         while child.pump(timeout):
             now = time.monotonic()
             seen = watch.steps
             anomaly = self._ingest(tailer, watch, n, ignored)
             if anomaly is not None:
                 break
+            if want_spare and watch.first_step is not None:   # its start-up is over: ours can begin
+                want_spare = False
+                self._spare = self._start_spare(command, env, attempt_dir / "modules.txt")
             anomaly = self.detectors.check_hang(now)
             if anomaly is None and self.dist is not None:   # one stuck rank, a failed or lost node
                 anomaly = self.dist.check(self.detectors.hang_timeout, step=watch.last_step)
@@ -569,7 +575,10 @@ class Supervisor:
             if dump and self.dist is not None:   # SIGUSR1 to each rank; it would kill torchrun
                 self.dist.dump_stacks()
                 dump = False
-            child.stop(self.policy.grace, dump_stacks=dump, cooperative=False)
+            answered = None
+            if anomaly.kind is FailureKind.HANG and self.dist is None and watch.steps:
+                answered = self._answer_after(os.path.getsize(self.metrics_path))
+            child.stop(self.policy.grace, dump_stacks=dump, cooperative=False, answered=answered)
         exit_ = child.finish()
         self._ingest(tailer, watch, n, ignored, act=False)
         tailer.close()
@@ -589,6 +598,48 @@ class Supervisor:
             self._say("the script logged steps but never called ftrain.config(): "
                       "the overrides may not have reached it", "warn")
         return failure, exit_, watch
+
+    def _answer_after(self, offset: int) -> Callable[[], bool]:
+        """Whether a hung shim script shows, after ``offset`` in the metrics file, that its
+        loop runs on (a step, a save, its ``should_stop()`` answer), not just that the TERM
+        handler ran (``stop_requested``): the full grace only for a script that can use it."""
+        def answered() -> bool:
+            try:
+                with open(self.metrics_path, "rb") as f:
+                    f.seek(offset)
+                    lines = f.read(1 << 20).splitlines()
+            except OSError:
+                return False
+            for line in lines:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and record.get("ftrain") != "stop_requested":
+                    return True
+            return False
+        return answered
+
+    def _launch(self, command: Sequence[str], env: Mapping[str, str], log_path: Path,
+                line_hook: Any) -> tuple[Child, bool]:
+        """The attempt's process: the waiting spare if it fits, else a new one. (child, warm)"""
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            child = spare.launch(command, env, log_path, self.report.output, line_hook)
+            if child is not None:
+                return child, True
+        try:
+            return Child(command, env=env, cwd=self.launch.cwd, log_path=log_path,
+                         sink=self.report.output, line_hook=line_hook), False
+        except OSError as exc:
+            raise UsageError(f"{self.launch.command[0]}: cannot start: {exc.strerror}") from exc
+
+    def _start_spare(self, command: Sequence[str], env: Mapping[str, str], modules: Path) -> Spare | None:
+        try:
+            return Spare(command, env, self.launch.cwd, modules)
+        except OSError as exc:   # no warm start then; the next attempt starts cold
+            self._say(f"could not start a spare interpreter: {exc.strerror}", "warn")
+            return None
 
     def _metrics_from_output(self, n: int) -> Any:
         """A line hook that turns the script's progress lines into metrics records, appended

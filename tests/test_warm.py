@@ -1,0 +1,245 @@
+"""Warm restarts (ftrain.warm): the next attempt's interpreter is started early with the
+script's imports done, and runs the script as `python script.py` would; and a hung script
+that cannot use the grace period does not get it."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import events, of, run_ftrain
+from ftrain.warm import Spare
+
+POLICY = """
+version: 1
+max_restarts: 4
+grace: 2s
+backoff: 0s
+warm_start: WARM
+detect: {hang: {timeout: 30s, startup: 60s}}
+rules:
+  - when: [segfault, killed, exit_nonzero, hang]
+    action: restart
+  - when: exception
+    action: stop
+"""
+
+# A third-party-looking package outside the script's folder: it notes, at import, which
+# process imported it and which attempt that process was then (none: imported ahead).
+HEAVY = """
+import os, time
+time.sleep(0.3)
+with open(os.environ["WARM_TEST_LOG"], "a") as f:
+    f.write(f"{__name__} {os.getpid()} {os.environ.get('FTRAIN_ATTEMPT', '-')}\\n")
+"""
+
+SCRIPT = '''"""A shim script whose leading imports include a slow package; `lazyheavy` is imported
+only inside main(), before the first step (as torch imports torch._dynamo for an optimizer)."""
+from __future__ import annotations
+
+import os
+import sys
+
+import heavy
+import ftrain
+
+LOCAL = 1
+
+
+def main():
+    import lazyheavy
+    cfg = ftrain.config({"fail_at": {}, "touch": {}})
+    attempt = os.environ["FTRAIN_ATTEMPT"]
+    print(json.dumps({"attempt": attempt, "name": __name__, "argv": sys.argv, "path0": sys.path[0],
+                      "pid": os.getpid(), "main_is_us": sys.modules["__main__"].__dict__ is globals()}),
+          flush=True)
+    for step in range(6):
+        ftrain.log(step, loss=1.0 / (step + 1))
+        time.sleep(0.4)
+        if step == 2 and attempt in cfg["touch"]:     # as if the user edited a library now
+            os.utime(cfg["touch"][attempt])
+        if step == 3 and attempt in cfg["fail_at"]:
+            how = cfg["fail_at"][attempt]
+            if how == "segv":
+                import ctypes
+                ctypes.string_at(0)
+            if how == "exception":
+                raise ValueError("bad shape (3, 4) at step 3")
+            if how == "exit":
+                sys.exit(7)
+
+
+import json
+import time
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+@pytest.fixture
+def setup(tmp_path, write):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "heavy.py").write_text(HEAVY)
+    (site / "lazyheavy.py").write_text(HEAVY)
+    script_dir = tmp_path / "proj"
+    script_dir.mkdir()
+    script = script_dir / "train.py"
+    script.write_text(SCRIPT)
+    script = script.resolve()
+    log = tmp_path / "imports.log"
+    env = {"PYTHONPATH": str(site), "WARM_TEST_LOG": str(log)}
+
+    def run(fail_at: dict, warm: str = "true", extra=(), touch: dict | None = None):
+        config = write("config.yaml", json.dumps({"fail_at": fail_at, "touch": touch or {}}))
+        policy = write("policy.yaml", POLICY.replace("WARM", warm))
+        run_dir = tmp_path / "run"
+        p = run_ftrain("run", str(script), "--policy", str(policy), "--config", str(config), "--run-dir",
+                       str(run_dir), "--no-ui", *extra, cwd=tmp_path, env=env, timeout=120)
+        imports = [line.split() for line in log.read_text().splitlines()] if log.exists() else []
+        return p, run_dir, imports
+
+    run.site = site
+    return run, script
+
+
+def _reports(p) -> list[dict]:
+    return [json.loads(line) for line in p.stdout.splitlines() if line.startswith('{"attempt"')]
+
+
+def _no_spare_left(script: Path) -> None:
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        assert not (len(cmd) > 4 and cmd[1] == "-c" and str(script) in cmd), f"spare left: {proc.pid}"
+
+
+def test_restart_runs_in_the_spare_with_imports_done_as_python_would(setup):
+    run, script = setup
+    p, run_dir, imports = run({"1": "segv", "2": "exit"})
+    assert p.returncode == 0, p.stderr
+    starts = of(events(run_dir), "attempt_start")
+    assert [s["warm"] for s in starts] == [False, True, True]
+    reports = _reports(p)
+    assert [r["attempt"] for r in reports] == ["1", "2", "3"]
+    for r, start in zip(reports, starts):
+        # what `python script.py` gives a script: __main__, argv, its folder first on sys.path
+        assert r["name"] == "__main__" and r["main_is_us"]
+        assert r["argv"] == [str(script)] and r["path0"] == str(script.parent)
+        assert r["pid"] == start["pid"]
+    # attempt 1 imported both packages itself; the spares did it ahead, before they knew
+    # their attempt, in the process that then ran it
+    by_pid = {}
+    for name, pid, attempt in imports:
+        by_pid.setdefault(int(pid), {})[name] = attempt
+    assert by_pid[reports[0]["pid"]] == {"heavy": "1", "lazyheavy": "1"}
+    for r in reports[1:]:
+        assert by_pid[r["pid"]] == {"heavy": "-", "lazyheavy": "-"}
+    assert (run_dir / "attempts/0001/modules.txt").read_text().split().count("lazyheavy") == 1
+    # the spare that was never needed is gone with the run
+    _no_spare_left(script)
+
+
+def test_warm_attempt_reports_an_exception_like_a_cold_one(setup):
+    run, script = setup
+    p, run_dir, _ = run({"1": "segv", "2": "exception"})   # attempt 2 (warm) raises
+    evts = events(run_dir)
+    assert p.returncode == 1, p.stderr
+    assert [s["warm"] for s in of(evts, "attempt_start")][-1] is True
+    failure = of(evts, "failure")[-1]
+    assert failure["kind"] == "exception" and failure["exit_code"] == 1
+    out = (run_dir / "attempts/0002/output.log").read_text()
+    tb = out[out.index("Traceback"):]
+    assert tb.splitlines()[-1] == "ValueError: bad shape (3, 4) at step 3"
+    assert "<string>" not in tb and "ftrain/warm" not in tb      # our frames are left out
+    assert f'File "{script}", line' in tb
+    _no_spare_left(script)
+
+
+def test_a_library_edited_since_the_spare_imported_it_is_imported_again(setup):
+    run, script = setup
+    p, run_dir, imports = run({"1": "segv"}, touch={"1": str(run.site / "lazyheavy.py")})
+    assert p.returncode == 0, p.stderr
+    reports = _reports(p)
+    assert [s["warm"] for s in of(events(run_dir), "attempt_start")] == [False, True]
+    # the spare saw the edit and started cold in the same process: both imports are attempt 2's
+    second = {name: attempt for name, pid, attempt in imports if int(pid) == reports[1]["pid"]}
+    assert second == {"heavy": "2", "lazyheavy": "2"}, imports
+    assert reports[1]["name"] == "__main__" and reports[1]["argv"] == [str(script)]
+
+
+def test_warm_start_false_starts_every_attempt_cold(setup):
+    run, script = setup
+    p, run_dir, imports = run({"1": "segv"}, warm="false")
+    assert p.returncode == 0, p.stderr
+    assert [s["warm"] for s in of(events(run_dir), "attempt_start")] == [False, False]
+    assert all(attempt != "-" for _, _, attempt in imports)
+
+
+def test_a_spare_stands_down_when_the_environment_changed(tmp_path):
+    script = tmp_path / "s.py"
+    script.write_text("import os\nprint('ran', os.environ.get('FTRAIN_ATTEMPT'))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FTRAIN_")}
+    command = (sys.executable, str(script))
+    spare = Spare(command, env, tmp_path)
+    pid = spare.child.pid
+    assert spare.usable_for(command, {**env, "FTRAIN_ATTEMPT": "2"})          # FTRAIN_* may differ
+    assert not spare.usable_for(command, {**env, "CUDA_VISIBLE_DEVICES": "1"})  # anything else not
+    assert not spare.usable_for((sys.executable, str(tmp_path / "other.py")), env)
+    assert spare.launch(command, {**env, "OMP_NUM_THREADS": "3"}, tmp_path / "out.log") is None
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_spare_launch_runs_the_script_with_the_attempts_env(tmp_path):
+    script = tmp_path / "s.py"
+    script.write_text("import os, sys\nprint('ran', os.environ.get('FTRAIN_ATTEMPT'), sys.argv[1:])\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FTRAIN_")}
+    spare = Spare((sys.executable, str(script)), env, tmp_path)
+    log = tmp_path / "out.log"
+    child = spare.launch((sys.executable, str(script), "--lr", "0.1"), {**env, "FTRAIN_ATTEMPT": "7"}, log)
+    assert child is not None
+    while child.pump(0.05):
+        pass
+    assert child.finish().returncode == 0
+    assert log.read_text() == "ran 7 ['--lr', '0.1']\n"
+
+
+HUNG = '''
+import signal, sys, time
+import ftrain
+for step in range(100):
+    ftrain.log(step, loss=1.0)
+    if ftrain.should_stop():
+        ftrain.save_checkpoint({"step": step}, step)
+        sys.exit(0)
+    time.sleep(0.05 if step != 5 else SLEEP)
+'''
+
+
+@pytest.mark.parametrize("sleep, answers", [(3600, False), (2.9, True)])
+def test_a_hung_script_gets_the_grace_only_if_it_answers(tmp_path, write, sleep, answers):
+    """Hang timeout 2 s, grace 20 s. Stuck for good: KILL about 1 s after TERM. A step that
+    was only slow logs again after the TERM: the script saves and leaves within the grace."""
+    script = write("hung.py", HUNG.replace("SLEEP", str(sleep)))
+    policy = write("p.yaml", "version: 1\nmax_restarts: 0\ngrace: 20s\ndetect: {hang: {timeout: 2s, startup: 30s}}\n"
+                   "rules: [{when: hang, action: restart}]\n")
+    run_dir = tmp_path / "run"
+    t0 = time.monotonic()
+    p = run_ftrain("run", str(script), "--policy", str(policy), "--run-dir", str(run_dir), "--no-ui", cwd=tmp_path,
+                   timeout=60)
+    elapsed = time.monotonic() - t0
+    evts = events(run_dir)
+    failure = of(evts, "failure")[0]
+    assert failure["kind"] == "hang" and p.returncode == 1
+    stop_took = failure["t"] - of(evts, "anomaly")[0]["t"]
+    if answers:
+        assert failure["exit_code"] == 0 and (run_dir / "checkpoints/step-00000006.pt").exists()
+    else:
+        assert failure["signal"] == "SIGKILL"
+        assert stop_took < 4.0 and elapsed < 15, (stop_took, elapsed)   # not the 20 s grace
