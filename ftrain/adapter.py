@@ -371,6 +371,16 @@ class ScriptAdapter:
                                                 "script set aside until it writes them again")
         return decision
 
+    def replay(self, events: Sequence[Mapping[str, Any]]) -> None:
+        """Resume: set aside again what the run's rollbacks set aside (``vet_decision``),
+        from their ``decision`` events in the journal."""
+        for ev in events:
+            if ev.get("event") == "decision" and ev.get("action") == Action.ROLLBACK.value:
+                after = ev.get("resume_step")
+                when = ev.get("t")
+                if isinstance(when, (int, float)):
+                    self._set_aside.append((after if isinstance(after, int) else -1, float(when)))
+
     # ------------------------------------------------------------------ internals
     def _write_config(self, config: Mapping[str, Any]) -> None:
         cwd = self.cwd or Path(self._run_info().get("cwd") or Path.cwd())

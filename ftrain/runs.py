@@ -212,6 +212,8 @@ def resume_run(run_dir: Path | None, *, max_restarts: int | None, no_ui: bool) -
                         script_args=tuple(info.get("args") or ()), config_path=info.get("config_path"),
                         sets=info.get("sets") or {})
     adapter = make_adapter(policy, state.config, cwd=launch.cwd, run_dir=run_dir)
+    if adapter is not None:
+        adapter.replay(events)
     tb = info.get("tensorboard")
     become_subreaper()
     dist = None

@@ -297,6 +297,19 @@ def test_a_rollback_sets_newer_script_checkpoints_aside_until_rewritten(tmp_path
     assert [c.step for c in a.checkpoints(tmp_path)] == [10, 20]
 
 
+def test_what_a_rollback_set_aside_stays_aside_after_a_resume(tmp_path):
+    """`ftrain resume` rebuilds the set-aside from the journal's rollback decisions."""
+    now = time.time()
+    for step in (10, 20, 30):
+        _touch(tmp_path / "out" / f"step_{step}.pt", now - 5)
+    journal = [{"event": "decision", "t": now - 4, "action": "rollback", "resume_step": 10},
+               {"event": "decision", "t": now - 3, "action": "restart", "resume_step": 30}]
+    resumed = adapter({"checkpoints": "out/*.pt"})
+    assert sorted(c.step for c in resumed.checkpoints(tmp_path)) == [10, 20, 30]
+    resumed.replay(journal)
+    assert [c.step for c in resumed.checkpoints(tmp_path)] == [10]
+
+
 # --------------------------------------------------------------------------- end to end
 EXT_POLICY = """
 version: 1
