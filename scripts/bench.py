@@ -285,26 +285,34 @@ def bench_cpu(tmp: Path, seconds: float) -> None:
            f"child logged {lines / seconds:.0f} lines/s")
 
 
-def bench_checkpoint(tmp: Path, mb: int) -> None:
+def bench_checkpoint(tmp: Path, mb: int, rounds: int = 9) -> None:
     """Shim save vs plain torch.save of a ~mb MB state; time blocked by a non-blocking save."""
     code = textwrap.dedent(f"""
-        import os, time, statistics, torch
+        import glob, os, time, statistics, torch
         os.environ.update(FTRAIN_RUN_DIR={str(tmp)!r}, FTRAIN_CHECKPOINT_DIR={str(tmp / 'ckpt')!r},
                           FTRAIN_METRICS_PATH={str(tmp / 'ck.jsonl')!r}, FTRAIN_ATTEMPT='1')
         import ftrain
         state = {{"w": torch.randn({mb} * 2**20 // 4 // 4, 4)}}
         plain, plain_sync, shim, nb_block = [], [], [], []
-        # os.sync() before each timed save: on ext4 (data=ordered) an fsync also flushes the
-        # dirty pages other files left behind, which would bill one save for another's writes.
-        for i in range(5):
-            os.sync(); t0 = time.perf_counter(); torch.save(state, {str(tmp / 'plain.pt')!r}); plain.append(time.perf_counter() - t0)
-            os.sync(); t0 = time.perf_counter()
-            with open({str(tmp / 'plain2.pt')!r}, "wb") as f:
+
+        def plain_fsync(path):
+            with open(path, "wb") as f:
                 torch.save(state, f); f.flush(); os.fsync(f.fileno())
-            plain_sync.append(time.perf_counter() - t0)
-            os.sync(); t0 = time.perf_counter(); ftrain.save_checkpoint(state, i); shim.append(time.perf_counter() - t0)
-            os.sync(); t0 = time.perf_counter(); ftrain.save_checkpoint(state, 100 + i, blocking=False)
-            nb_block.append(time.perf_counter() - t0)
+
+        def timed(times, fn, *args, **kwargs):
+            # os.sync() first: on ext4 (data=ordered) an fsync also flushes the dirty pages
+            # other files left behind, which would bill one save for another's writes.
+            os.sync(); t0 = time.perf_counter(); fn(*args, **kwargs); times.append(time.perf_counter() - t0)
+
+        for i in range({rounds}):
+            # Every save writes a new file, as the shim does (an overwrite would bill the plain
+            # save for freeing the old blocks); the last round's files go before the sync.
+            for old in glob.glob({str(tmp)!r} + "/*.pt") + glob.glob({str(tmp / 'ckpt')!r} + "/*"):
+                os.unlink(old)
+            timed(plain, torch.save, state, {str(tmp)!r} + f"/plain-{{i}}.pt")
+            timed(plain_sync, plain_fsync, {str(tmp)!r} + f"/plain-sync-{{i}}.pt")
+            timed(shim, ftrain.save_checkpoint, state, i)
+            timed(nb_block, ftrain.save_checkpoint, state, 100 + i, blocking=False)
             ftrain.shim._wait_for_save(raise_error=True)
         m = statistics.median
         print(m(plain), m(plain_sync), m(shim), m(nb_block))
@@ -315,7 +323,7 @@ def bench_checkpoint(tmp: Path, mb: int) -> None:
         return
     plain, plain_sync, shim, nb = map(float, out.stdout.split())
     report("ckpt_save_vs_torch_save", shim / plain, "x", "<= 1.10x",
-           f"{mb} MB: torch.save {plain * 1000:.0f} ms, +fsync {plain_sync * 1000:.0f} ms, "
+           f"{mb} MB, median of {rounds}: torch.save {plain * 1000:.0f} ms, +fsync {plain_sync * 1000:.0f} ms, "
            f"ftrain {shim * 1000:.0f} ms; vs torch.save+fsync {shim / plain_sync:.2f}x")
     report("ckpt_nonblocking_blocked_share", nb / shim, "of a blocking save", "<= 0.10",
            f"blocked {nb * 1000:.0f} ms")

@@ -169,6 +169,59 @@ def test_load_checkpoint_checks_the_size_against_the_manifest(ckdir: Path) -> No
     assert info.value.errno == errno.EIO
 
 
+# --------------------------------------------------------------------------- how the data file is written
+def test_a_state_of_many_sizes_round_trips_with_a_matching_sha256(ckdir: Path) -> None:
+    # Small records are gathered in the writer's buffers, large ones hashed beside the write:
+    # the digest must cover every byte in file order whatever the mix.
+    sizes = [1, 3, 1000, 70_000, 262_143, 262_144, 1 << 18, (1 << 20) // 4 - 1, 1 << 20, 5 << 20, 7, 3 << 18]
+    state = {f"t{i}": torch.arange(n, dtype=torch.float32) + i for i, n in enumerate(sizes)}
+    path = ftrain.save_checkpoint(state, 10)
+    assert path is not None
+    ckpt, = scan(ckdir)
+    assert ckpt.status is CheckpointStatus.OK and ckpt.bytes == Path(path).stat().st_size
+    loaded = ftrain.load_checkpoint(path)
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("blocking", [True, False])
+@pytest.mark.parametrize("crc32_before", [True, False])
+def test_the_save_skips_torchs_crc32_and_restores_the_setting(ckdir: Path, blocking: bool,
+                                                             crc32_before: bool) -> None:
+    import zipfile
+
+    torch.serialization.set_crc32_options(crc32_before)
+    try:
+        path = ftrain.save_checkpoint({"w": torch.arange(1000.0), "step": 10}, 10, blocking=blocking)
+        assert path is not None
+        ftrain.shim._wait_for_save(raise_error=True)
+        assert torch.serialization.get_crc32_options() is crc32_before
+    finally:
+        torch.serialization.set_crc32_options(True)
+    with zipfile.ZipFile(path) as archive:
+        assert archive.testzip() is not None          # records without CRC32 …
+    for state in (torch.load(path, weights_only=True), torch.load(path, weights_only=True, mmap=True),
+                  ftrain.load_checkpoint(path)):
+        assert state["step"] == 10 and torch.equal(state["w"], torch.arange(1000.0))   # … load all the same
+    assert scan(ckdir)[0].status is CheckpointStatus.OK
+
+
+def test_without_crc32_a_flipped_tensor_byte_is_still_caught_by_the_sha256(ckdir: Path) -> None:
+    path = save(10, 1.0)
+    data = bytearray(path.read_bytes())
+    data[data.index(torch.full((4,), 1.0).numpy().tobytes()) + 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert not torch.equal(torch.load(path, weights_only=True)["w"], torch.full((1000,), 1.0))  # torch can't tell
+    ckpt, = scan(ckdir)
+    assert ckpt.status is CheckpointStatus.CORRUPT and "sha256" in (ckpt.note or "")
+
+
+def test_a_save_that_fails_before_writing_restores_the_crc32_setting(ckdir: Path) -> None:
+    with pytest.raises(Exception):
+        ftrain.save_checkpoint({"w": torch.zeros(3), "f": lambda: None}, 10)    # a lambda does not pickle
+    assert torch.serialization.get_crc32_options() is True
+    assert list(ckdir.iterdir()) == []
+
+
 # --------------------------------------------------------------------------- choosing and rollback
 def test_newest_usable_skips_corrupt_and_respects_max_step(ckdir: Path) -> None:
     for step in (10, 20, 30):
@@ -250,6 +303,16 @@ def test_full_disk_simulated_in_a_background_save_is_raised_by_the_next_call(ckd
             save(30)
     save(30)                       # the error was reported once; saving works again
     assert [(c.step, c.status) for c in scan(ckdir)] == [(10, CheckpointStatus.OK), (30, CheckpointStatus.OK)]
+
+
+def test_full_disk_at_the_last_buffered_bytes_raises_and_keeps_the_previous(ckdir: Path) -> None:
+    # A small state is buffered whole and reaches os.write only at the end of torch.save.
+    save(10, 1.0)
+    with _full_disk_for_temp_files(after_bytes=100), pytest.raises(CheckpointError) as info:
+        save(20, 2.0, elements=10)
+    assert info.value.errno == errno.ENOSPC and "cannot save step 20" in str(info.value)
+    assert sorted(p.name for p in ckdir.iterdir()) == ["step-00000010.json", "step-00000010.pt"]
+    assert torch.serialization.get_crc32_options() is True
 
 
 def test_a_real_write_error_from_the_kernel_raises_and_keeps_the_previous(tmp_path: Path) -> None:

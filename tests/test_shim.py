@@ -397,3 +397,34 @@ def test_non_blocking_save_snapshots_the_state_now(tmp_path: Path, monkeypatch: 
     assert torch.equal(loaded["history"][0], torch.ones(2)) and loaded["step"] == 7
     ckpt, = checkpoints.scan(tmp_path / "checkpoints")
     assert ckpt.status is checkpoints.CheckpointStatus.OK and ckpt.metrics == {"loss": 1.5}
+
+
+def test_the_next_non_blocking_save_copies_into_the_last_ones_memory(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    if ftrain.is_supervised():
+        pytest.skip("this test process itself runs under ftrain")
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    weights, bias = torch.zeros(1 << 18), torch.zeros(3, 4).t()    # bias: not contiguous
+    state = {"model": {"w": weights, "b": bias}, "extra": [torch.zeros(5)]}
+    paths, kept = [], []
+    for step in range(3):
+        paths.append(ftrain.save_checkpoint(state, step, blocking=False))
+        snapshot = ftrain.shim._st.last_snapshot
+        kept.append(snapshot["model"]["w"].data_ptr())
+        assert snapshot["model"]["w"].data_ptr() != weights.data_ptr()   # a copy, never the live tensor
+        weights.add_(1.0)
+        bias.add_(2.0)
+        state["extra"][0].add_(3.0)
+        if step == 1:
+            state["extra"].append(torch.zeros(7))   # a new tensor: fresh memory, the rest reused
+    ftrain.shim._wait_for_save(raise_error=True)
+    assert kept[1] == kept[0] and kept[2] == kept[0]
+    for step, path in enumerate(paths):
+        loaded = ftrain.load_checkpoint(path)
+        assert torch.equal(loaded["model"]["w"], torch.full((1 << 18,), float(step)))
+        assert torch.equal(loaded["model"]["b"], torch.full((4, 3), 2.0 * step))
+        assert torch.equal(loaded["extra"][0], torch.full((5,), 3.0 * step))
+    assert len(ftrain.load_checkpoint(paths[2])["extra"]) == 2
+    assert all(c.status is checkpoints.CheckpointStatus.OK for c in checkpoints.scan(tmp_path / "checkpoints"))
