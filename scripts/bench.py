@@ -348,6 +348,31 @@ def bench_goodput(tmp: Path, steps: int) -> None:
            ">= 0.80", f"{steps} steps: clean {walls['clean']:.1f}s, with {faults}: {walls['faults']:.1f}s")
 
 
+def bench_warm(tmp: Path, steps: int) -> None:
+    """A restart's time to the script's first step, warm (the default) vs cold: the demo job
+    with three segfaults, each restart timed from the decision to the first step logged."""
+    faults = ",".join(f"segv@{int(steps * f)}" for f in (0.25, 0.5, 0.75))
+    firsts = {}
+    for name, warm in (("warm", "true"), ("cold", "false")):
+        policy = tmp / f"policy-{name}.yaml"
+        policy.write_text((ROOT / "configs/policy.demo.yaml").read_text() + f"warm_start: {warm}\n")
+        run_dir = tmp / f"warm-{name}"
+        p = subprocess.run([PY, "-m", "ftrain", "run", str(ROOT / "scripts/train_charlm.py"),
+                            "--config", str(ROOT / "configs/demo.yaml"), "--policy", str(policy),
+                            "--set", f"train.steps={steps}", "--no-ui", "--run-dir", str(run_dir), "--inject", faults],
+                           cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if p.returncode != 0:
+            print(p.stderr[-3000:])
+            return
+        story = json.loads(subprocess.run([PY, "-m", "ftrain", "inspect", str(run_dir), "--json"], cwd=tmp,
+                                          capture_output=True, text=True, check=True).stdout)
+        firsts[name] = [a["time_to_first_step"] for a in story["attempts"][1:]]
+    warm, cold = statistics.median(firsts["warm"]), statistics.median(firsts["cold"])
+    report("restart_to_first_step_warm_s", warm, "s", "",
+           f"cold start (a new python, as torchrun does): {cold:.2f} s; "
+           f"per restart warm {', '.join(f'{x:.2f}' for x in firsts['warm'])}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
@@ -363,6 +388,7 @@ def main() -> None:
         "latency": lambda t: bench_detect_latency(t, 20 if q else 60),
         "cpu": lambda t: bench_cpu(t, 6 if q else 20),
         "checkpoint": lambda t: bench_checkpoint(t, 20 if q else 100),
+        "warm": lambda t: bench_warm(t, 200 if q else 400),
         "goodput": lambda t: bench_goodput(t, 300 if q else 1200),
     }
     import compileall

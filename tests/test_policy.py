@@ -73,6 +73,13 @@ def test_malformed_yaml():
         policy("rules:\n  - when: [a\n")
 
 
+def test_warm_start_is_a_boolean_on_by_default():
+    assert policy("version: 1\n").warm_start is True
+    assert policy("version: 1\nwarm_start: false\n").warm_start is False
+    with pytest.raises(PolicyError, match=r"p\.yaml:2: warm_start: must be true or false, not 'sometimes'"):
+        policy("version: 1\nwarm_start: sometimes\n")
+
+
 def test_ignore_only_for_anomalies():
     with pytest.raises(PolicyError, match="ignore applies to anomalies only, not segfault"):
         policy("rules:\n  - when: [spike, segfault]\n    action: ignore\n")
