@@ -576,7 +576,7 @@ class Supervisor:
                 self.dist.dump_stacks()
                 dump = False
             answered = None
-            if anomaly.kind is FailureKind.HANG and self.dist is None and watch.steps:
+            if anomaly.kind is FailureKind.HANG and self.dist is None:
                 answered = self._answer_after(os.path.getsize(self.metrics_path))
             child.stop(self.policy.grace, dump_stacks=dump, cooperative=False, answered=answered)
         exit_ = child.finish()
@@ -600,24 +600,31 @@ class Supervisor:
         return failure, exit_, watch
 
     def _answer_after(self, offset: int) -> Callable[[], bool]:
-        """Whether a hung shim script shows, after ``offset`` in the metrics file, that its
-        loop runs on (a step, a save, its ``should_stop()`` answer), not just that the TERM
-        handler ran (``stop_requested``): the full grace only for a script that can use it."""
+        """After a TERM to a hung attempt: False when the shim's handler took the TERM
+        (``stop_requested`` after ``offset`` in the metrics file) but the loop showed nothing
+        since (no step, no save): it waits for a ``should_stop()`` that a hung loop never
+        reaches. True otherwise: a step or save means it can use the grace, and silence may
+        be a script's own handler saving, or a process stuck in C where the handler has not
+        run yet; those keep the whole grace."""
         def answered() -> bool:
             try:
                 with open(self.metrics_path, "rb") as f:
                     f.seek(offset)
                     lines = f.read(1 << 20).splitlines()
             except OSError:
-                return False
+                return True
+            handler_ran = False
             for line in lines:
                 try:
                     record = json.loads(line)
                 except ValueError:
                     continue
-                if isinstance(record, dict) and record.get("ftrain") != "stop_requested":
+                if not isinstance(record, dict):
+                    continue
+                if record.get("ftrain") != "stop_requested":
                     return True
-            return False
+                handler_ran = True
+            return not handler_ran
         return answered
 
     def _launch(self, command: Sequence[str], env: Mapping[str, str], log_path: Path,

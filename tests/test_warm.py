@@ -243,3 +243,32 @@ def test_a_hung_script_gets_the_grace_only_if_it_answers(tmp_path, write, sleep,
     else:
         assert failure["signal"] == "SIGKILL"
         assert stop_took < 4.0 and elapsed < 15, (stop_took, elapsed)   # not the 20 s grace
+
+
+OWN_HANDLER = '''
+import os, signal, sys, time
+
+def on_term(signum, frame):       # the script's own handler: "saves" for 2 s, then leaves
+    time.sleep(2.0)
+    with open("saved-by-own-handler", "w") as f:
+        f.write("ok")
+    os._exit(0)
+
+signal.signal(signal.SIGTERM, on_term)
+import ftrain
+for step in range(100):
+    ftrain.log(step, loss=1.0)
+    time.sleep(0.05 if step != 5 else 3600)
+'''
+
+
+def test_a_hung_script_with_its_own_term_handler_keeps_the_grace(tmp_path, write):
+    script = write("own.py", OWN_HANDLER)
+    policy = write("p.yaml", "version: 1\nmax_restarts: 0\ngrace: 20s\ndetect: {hang: {timeout: 2s, startup: 30s}}\n"
+                   "rules: [{when: hang, action: restart}]\n")
+    run_dir = tmp_path / "run"
+    p = run_ftrain("run", str(script), "--policy", str(policy), "--run-dir", str(run_dir), "--no-ui", cwd=tmp_path,
+                   timeout=60)
+    failure = of(events(run_dir), "failure")[0]
+    assert failure["kind"] == "hang" and p.returncode == 1
+    assert failure["exit_code"] == 0 and (tmp_path / "saved-by-own-handler").read_text() == "ok"
