@@ -88,8 +88,8 @@ def _stale(since):
     installed = tuple(os.path.realpath(p) + os.sep for p in installed)
     for module in list(sys.modules.values()):
         path = getattr(module, "__file__", None)
-        if not path:
-            continue
+        if not isinstance(path, str) or not os.path.isabs(path):
+            continue                # none, or a name only (torch.ops says "_ops.py")
         real = os.path.realpath(path)
         if real.startswith(installed):
             continue

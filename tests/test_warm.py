@@ -33,8 +33,11 @@ rules:
 # A third-party-looking package outside the script's folder: it notes, at import, which
 # process imported it and which attempt that process was then (none: imported ahead).
 HEAVY = """
-import os, time
+import os, sys, time, types
 time.sleep(0.3)
+ops = types.ModuleType(__name__ + "_ops")   # as torch.ops: a module whose __file__ is a bare name
+ops.__file__ = "_ops.py"
+sys.modules[ops.__name__] = ops
 with open(os.environ["WARM_TEST_LOG"], "a") as f:
     f.write(f"{__name__} {os.getpid()} {os.environ.get('FTRAIN_ATTEMPT', '-')}\\n")
 """
