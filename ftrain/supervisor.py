@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 
 from ftrain import __version__, checkpoints, overrides
 from ftrain.errors import RunDirError, UsageError
@@ -575,10 +575,13 @@ class Supervisor:
             if dump and self.dist is not None:   # SIGUSR1 to each rank; it would kill torchrun
                 self.dist.dump_stacks()
                 dump = False
-            answered = None
+            answered, since = None, None
             if anomaly.kind is FailureKind.HANG and self.dist is None:
-                answered = self._answer_after(os.path.getsize(self.metrics_path))
+                since = Tailer(self.metrics_path, start_at_end=True)
+                answered = lambda: self._acting_on_term(since.read_new())   # noqa: E731
             child.stop(self.policy.grace, dump_stacks=dump, cooperative=False, answered=answered)
+            if since is not None:
+                since.close()
         exit_ = child.finish()
         self._ingest(tailer, watch, n, ignored, act=False)
         tailer.close()
@@ -599,33 +602,16 @@ class Supervisor:
                       "the overrides may not have reached it", "warn")
         return failure, exit_, watch
 
-    def _answer_after(self, offset: int) -> Callable[[], bool]:
-        """After a TERM to a hung attempt: False when the shim's handler took the TERM
-        (``stop_requested`` after ``offset`` in the metrics file) but the loop showed nothing
-        since (no step, no save): it waits for a ``should_stop()`` that a hung loop never
-        reaches. True otherwise: a step or save means it can use the grace, and silence may
-        be a script's own handler saving, or a process stuck in C where the handler has not
-        run yet; those keep the whole grace."""
-        def answered() -> bool:
-            try:
-                with open(self.metrics_path, "rb") as f:
-                    f.seek(offset)
-                    lines = f.read(1 << 20).splitlines()
-            except OSError:
-                return True
-            handler_ran = False
-            for line in lines:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if not isinstance(record, dict):
-                    continue
-                if record.get("ftrain") != "stop_requested":
-                    return True
-                handler_ran = True
-            return not handler_ran
-        return answered
+    @staticmethod
+    def _acting_on_term(records: Sequence[Mapping[str, Any]]) -> bool:
+        """After a TERM to a hung attempt, from the records written since: False when the
+        shim's handler took the TERM (``stop_requested``) but the loop showed nothing else (no
+        step, no save): it waits for a ``should_stop()`` that a hung loop never reaches.
+        True otherwise: a step or save means it can use the grace, and silence may be a
+        script's own handler saving, or a process stuck in C where no handler has run yet;
+        those keep the whole grace."""
+        controls = [r.get("ftrain") for r in records]
+        return "stop_requested" not in controls or any(c != "stop_requested" for c in controls)
 
     def _launch(self, command: Sequence[str], env: Mapping[str, str], log_path: Path,
                 line_hook: Any) -> tuple[Child, bool]:
