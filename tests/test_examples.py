@@ -35,7 +35,10 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-def run_example(tmp_path: Path, name: str, **knobs: int) -> tuple[int, list[dict], Path]:
+def run_example(tmp_path: Path, name: str, step_ms: int = 10, **knobs: int) -> tuple[int, list[dict], Path]:
+    """Steps take ``step_ms`` at least, as on a device: a fault must not outrun the watcher
+    (line seen → child signalled is up to DESIGN §9's 100 ms at p99)."""
+    knobs["step_ms"] = step_ms
     config = merge(yaml.safe_load((CONFIGS / f"{name}.config.yaml").read_text()), SMALL[name])
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     p = run_ftrain("run", str(EXAMPLES / name / "train.py"), "--policy", str(CONFIGS / f"{name}.policy.yaml"),
@@ -73,7 +76,8 @@ def test_nanogpt_simulated_cuda_oom_then_segfault(tmp_path):
 
 
 def test_nanogpt_nan_rolls_back_with_half_the_learning_rate(tmp_path):
-    code, evts, run = run_example(tmp_path, "nanogpt", nan_at=27)
+    # ckpt.pt is rewritten at step 30: 3 steps of 40 ms to see the NaN and stop the script
+    code, evts, run = run_example(tmp_path, "nanogpt", nan_at=27, step_ms=40)
     assert code == 0, evts[-1]
     anomaly, decision = of(evts, "anomaly")[0], of(evts, "decision")[0]
     assert anomaly["kind"] == "nonfinite" and anomaly["step"] == 27

@@ -16,11 +16,13 @@ without editing it:
                        fails with an I/O error (a flaky network file system, once)
   EXAMPLE_NAN_AT=N     at global step N of a run started from scratch a weight turns NaN
                        (silent data corruption on a flaky device, once)
+  EXAMPLE_STEP_MS=T    every step takes at least T ms, as on a real device
 """
 
 import argparse
 import errno
 import os
+import time
 
 import torch
 import torch.nn as nn
@@ -61,6 +63,8 @@ def train(args, model, device, train_loader, optimizer, epoch, global_step):
     for batch_idx, (data, target) in enumerate(train_loader):
         if global_step + 1 == args.crash_at and not args.resume:
             raise OSError(errno.EIO, os.strerror(errno.EIO), "data/train-00003-of-00008.bin")
+        if args.step_s:
+            time.sleep(args.step_s)
         if global_step + 1 == args.nan_at and not args.resume:
             with torch.no_grad():
                 model.fc2.weight[0, 0] = float("nan")
@@ -114,6 +118,7 @@ def main():
     args = parser.parse_args()
     args.crash_at = int(os.environ.get("EXAMPLE_CRASH_AT", -1))
     args.nan_at = int(os.environ.get("EXAMPLE_NAN_AT", -1))
+    args.step_s = int(os.environ.get("EXAMPLE_STEP_MS", 0)) / 1000
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)

@@ -15,6 +15,8 @@ on this script without editing it:
                               NaN (silent data corruption on a flaky device, once)
   EXAMPLE_MAX_MICRO_BATCH=B   the device holds micro-batches of at most B sequences: a
                               larger one fails with PyTorch's CUDA out-of-memory error
+  EXAMPLE_STEP_MS=T           every iteration takes at least T ms, as on a real device (a
+                              tiny model on a CPU steps faster than a supervisor can watch)
 """
 
 import ctypes
@@ -76,6 +78,7 @@ config = {k: globals()[k] for k in config_keys}  # will be useful for logging
 crash_at = int(os.environ.get('EXAMPLE_CRASH_AT', -1))
 nan_at = int(os.environ.get('EXAMPLE_NAN_AT', -1))
 max_micro_batch = int(os.environ.get('EXAMPLE_MAX_MICRO_BATCH', 1 << 30))
+step_s = int(os.environ.get('EXAMPLE_STEP_MS', 0)) / 1000
 
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 print(f"tokens per iteration will be: {tokens_per_iter:,}")
@@ -200,6 +203,8 @@ while True:
     if iter_num == crash_at and init_from == 'scratch':
         sys.stdout.flush()
         ctypes.string_at(0)  # SIGSEGV
+    if step_s:
+        time.sleep(step_s)
     if iter_num == nan_at and init_from == 'scratch':
         with torch.no_grad():
             model.lm_head.weight[0, 0] = float('nan')

@@ -14,6 +14,7 @@ without editing it:
                        (a failed assertion in native code, once)
   EXAMPLE_NAN_AT=N     at step N of a run started from scratch a weight turns NaN
                        (silent data corruption on a flaky device, once)
+  EXAMPLE_STEP_MS=T    every step takes at least T ms, as on a real device
 """
 
 import argparse
@@ -58,6 +59,7 @@ def main():
     torch.set_num_threads(1)
     crash_at = int(os.environ.get("EXAMPLE_CRASH_AT", -1))
     nan_at = int(os.environ.get("EXAMPLE_NAN_AT", -1))
+    step_s = int(os.environ.get("EXAMPLE_STEP_MS", 0)) / 1000
 
     model = build_model(cfg["model"])
     opt = torch.optim.AdamW(model.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
@@ -77,6 +79,8 @@ def main():
     for step in range(start + 1, tc["steps"] + 1):
         if step == crash_at and not args.resume:
             os.abort()
+        if step_s:
+            time.sleep(step_s)
         if step == nan_at and not args.resume:
             with torch.no_grad():
                 model[0].weight[0, 0] = float("nan")
