@@ -41,11 +41,7 @@ if TYPE_CHECKING:
 
 POLL = 0.02       # seconds between looks at the metrics file, where no change notifier exists
 POLL_IDLE = 0.25  # with a notifier: the longest sleep (hang checks, status, signals)
-# After an ingest that found lines, wait this long: a busy stream costs <= ~50 looks/s, and
-# a line waits at most this long to be judged. On the 2-core bench machine the CPU at 1,000
-# lines/s is the same for 10 to 30 ms (after a longer sleep each look runs colder), so the
-# wait is set for the detection latency.
-COALESCE = 0.02
+COALESCE = 0.03   # after an ingest that found lines, wait this long: a busy stream costs <= ~30 wake-ups/s
 STATUS_EVERY = 0.25
 
 
@@ -191,7 +187,6 @@ class AttemptWatch:
     def see(self, records: Sequence[Mapping[str, Any]], now: float) -> None:
         """Take the records of one read, made at ``now``."""
         steps, max_step, last = self.steps, self.max_step, None
-        sample = None   # the step count at the read's first metrics line: the rate's sample
         for record in records:
             control = record.get("ftrain")
             if control is not None:
@@ -212,11 +207,10 @@ class AttemptWatch:
             elif step > max_step:
                 max_step = step
             steps += 1
-            if sample is None:
-                sample = steps
             last = record
         if last is None:
             return
+        sample = self.steps + 1   # the count at the read's first metrics line: the rate's sample
         self.steps, self.max_step, self.last_record, self.last_step = steps, max_step, last, last["step"]
         mark = self._rate_mark
         if mark is None:

@@ -640,7 +640,7 @@ class _SpikeWatch:
 
 # ---------------------------------------------------------------------------------- detectors
 
-Judge = Callable[[float, int | None, Mapping[str, Any]], Anomaly | None]  # (value, step, record)
+_Judge = Callable[[float, int | None, Mapping[str, Any]], Anomaly | None]  # (value, step, record)
 
 
 class _Watch:
@@ -654,7 +654,7 @@ class _Watch:
         self.bounds: list[ThresholdSpec] = []
         self.spikes: list[_SpikeWatch] = []
 
-    def finite_judge(self) -> Judge | None:
+    def finite_judge(self) -> _Judge | None:
         """What judges a finite value: nothing, a lone spike watch, or ``check_finite``. Chosen
         once, so that ``Detectors.feed`` makes one call per value at most."""
         if not self.bounds and not self.spikes:
