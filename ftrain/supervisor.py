@@ -184,33 +184,40 @@ class AttemptWatch:
         """The latest metric values (built on demand: the live view asks a few times a second)."""
         return {k: v for k, v in self.last_record.items() if k not in ("step", "t", "attempt")}
 
-    def see(self, record: Mapping[str, Any], now: float) -> None:
-        control = record.get("ftrain")
-        if control is not None:
-            if control == "inject":
-                self.fired.append((str(record.get("fault")), record.get("at")))
-            elif control == "stop_requested":
-                self.stop_requested = True
-            elif control == "config":
-                self.config_digest = record.get("digest")
-            elif control == "save_end" and record.get("path"):
-                self.saves += 1
+    def see(self, records: Sequence[Mapping[str, Any]], now: float) -> None:
+        """Take the records of one read, made at ``now``."""
+        steps, max_step, last = self.steps, self.max_step, None
+        for record in records:
+            control = record.get("ftrain")
+            if control is not None:
+                if control == "inject":
+                    self.fired.append((str(record.get("fault")), record.get("at")))
+                elif control == "stop_requested":
+                    self.stop_requested = True
+                elif control == "config":
+                    self.config_digest = record.get("digest")
+                elif control == "save_end" and record.get("path"):
+                    self.saves += 1
+                continue
+            step = record.get("step")
+            if type(step) is not int:
+                continue
+            if max_step is None:
+                self.first_step = max_step = step
+            elif step > max_step:
+                max_step = step
+            steps += 1
+            last = record
+        if last is None:
             return
-        step = record.get("step")
-        if type(step) is not int:
-            return
-        if self.first_step is None:
-            self.first_step = step
-        self.last_step = step
-        if self.max_step is None or step > self.max_step:
-            self.max_step = step
-        self.steps += 1
-        self.last_record = record
-        if self._rate_mark is None:
-            self._rate_mark = (now, self.steps)
-        elif now - self._rate_mark[0] >= 1.0:
-            self.rate = (self.steps - self._rate_mark[1]) / (now - self._rate_mark[0])
-            self._rate_mark = (now, self.steps)
+        sample = self.steps + 1   # the count at the read's first metrics line: the rate's sample
+        self.steps, self.max_step, self.last_record, self.last_step = steps, max_step, last, last["step"]
+        mark = self._rate_mark
+        if mark is None:
+            self._rate_mark = (now, sample)
+        elif now - mark[0] >= 1.0:
+            self.rate = (sample - mark[1]) / (now - mark[0])
+            self._rate_mark = (now, sample)
 
 
 @dataclass(frozen=True)
@@ -655,15 +662,19 @@ class Supervisor:
         returns the first anomaly that must stop the attempt (journaled already); the records
         after it are still counted and mirrored, but no longer judged."""
         now = time.monotonic()
+        records = tailer.read_new()
+        if not records:
+            return None
         found: Anomaly | None = None
         saves = watch.saves
-        for record in tailer.read_new():
-            watch.see(record, now)
-            for listener in self.listeners:
+        watch.see(records, now)
+        feed, listeners = self.detectors.feed, self.listeners  # the per-line path
+        for record in records:
+            for listener in listeners:
                 listener.on_metrics(record)
             if found is not None:
                 continue
-            anomaly = self.detectors.feed(record, now)
+            anomaly = feed(record, now)
             if anomaly is None:
                 continue
             if not act:

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import selectors
 import statistics
 import subprocess
 import sys
@@ -191,6 +192,63 @@ def test_an_endless_line_is_dropped_and_memory_stays_bounded(tmp_path: Path) -> 
     tailer.close()
 
 
+def test_a_chunk_that_is_not_one_array_of_lines_is_parsed_line_by_line(tmp_path: Path) -> None:
+    """The fast path parses a chunk as one JSON array; lines that would close it early, or
+    join into one value, must not fool it."""
+    path = tmp_path / "m.jsonl"
+    append(path, b"".join([
+        line(step=1, loss=1.0),
+        b'{"step": 2}]\n',                   # would end the array early
+        b'[{"step": 3}\n',                   # ... and start another
+        b'{"step": 4, "loss": 2.0}\r\n',      # CRLF: the CR is JSON whitespace
+        b'{"step": 5,\n',                     # one value over two lines: two broken lines
+        b'"loss": 3.0}\n',
+        line(step=6, loss=1.5),
+    ]))
+    tailer = Tailer(path)
+    assert [r["step"] for r in tailer.read_new()] == [1, 4, 6]
+    assert tailer.stats.garbage == 4 and tailer.stats.records == 3
+    tailer.close()
+
+
+def test_change_notifier_wakes_on_a_write_and_one_drain_empties_it(tmp_path: Path) -> None:
+    path = tmp_path / "m.jsonl"
+    path.touch()
+    notifier = watch.ChangeNotifier.create(path)
+    if notifier is None:
+        pytest.skip("no inotify on this system")
+    sel = selectors.DefaultSelector()
+    sel.register(notifier.fileno(), selectors.EVENT_READ)
+    assert sel.select(0) == []
+    for i in range(1000):
+        append(path, line(step=i))
+    assert len(sel.select(0)) == 1
+    notifier.drain()
+    assert sel.select(0) == []
+    notifier.drain()                                   # nothing queued: no error, no wait
+    sel.close()
+    notifier.close()
+
+
+def test_attempt_watch_takes_a_read_at_a_time() -> None:
+    """supervisor.AttemptWatch.see, the supervisor's side of each read: steps, control lines,
+    and one rate sample per read (all its lines were read at the same moment)."""
+    from ftrain.supervisor import AttemptWatch
+
+    w = AttemptWatch()
+    w.see([], 10.0)
+    assert (w.steps, w.first_step, w.last_step, w.rate, w.metrics) == (0, None, None, None, {})
+    w.see([{"ftrain": "config", "step": None, "digest": "d"}, {"step": 5, "t": 1.0, "loss": 1.0},
+           {"step": 3, "attempt": 1, "loss": 2.0}, {"loss": 3.0}, {"step": True},
+           {"ftrain": "inject", "fault": "nan", "at": 4}], 10.0)
+    assert (w.first_step, w.last_step, w.max_step, w.steps) == (5, 3, 5, 2)
+    assert w.config_digest == "d" and w.fired == [("nan", 4)] and w.metrics == {"loss": 2.0}
+    w.see([{"step": 6}, {"ftrain": "save_end", "step": 6, "path": "p"}, {"ftrain": "stop_requested"}], 10.5)
+    assert w.saves == 1 and w.stop_requested and w.rate is None   # under a second since the mark
+    w.see([{"step": 7}, {"step": 8}], 12.0)
+    assert w.rate == pytest.approx((4 - 1) / 2.0) and (w.last_step, w.max_step, w.steps) == (8, 8, 5)
+
+
 # ------------------------------------------------------------------------------------ spikes
 
 def test_clean_noisy_loss_curve_raises_no_alarm() -> None:
@@ -256,6 +314,105 @@ def test_spike_detector_agrees_with_the_obvious_implementation(seed: int, patien
     det.start_attempt(0.0)
     got = [a.step for a in feed_all(det, values, metric="x")]
     assert got == reference_spikes(values, spec) and len(got) > 5
+
+
+def reference_alarms(values: list[float], spec: SpikeSpec) -> list[tuple[int, float]]:
+    """The spike rule from scratch on every value, as (index, robust deviations) per alarm.
+    The window keeps the raw values; while they are all positive they are judged as logs."""
+    base: list[float] = []
+    log, seen, streak, alarms = True, 0, [], []
+    for i, v in enumerate(values):
+        log = log and v > 0
+        if seen >= max(spec.warmup, min(10, spec.window)):
+            g = math.log if log else float
+            med = statistics.median([g(b) for b in base])
+            mad = statistics.median([abs(g(b) - med) for b in base])
+            scale = max(1.4826 * mad, 0.01 if log else 0.01 * abs(med) + 1e-12)
+            if g(v) - med > spec.zscore * scale:
+                streak.append(v)
+                if len(streak) < spec.patience:
+                    continue
+                alarms.append((i, (g(v) - med) / scale))
+            else:
+                streak = []
+        for y in streak or [v]:  # fired outliers join the baseline; pending ones do not
+            base = (base + [y])[-spec.window:]
+            seen += 1
+        streak = []
+    return alarms
+
+
+def spiky_series(kind: str, n: int, seed: int) -> list[float]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        if kind == "lognormal":      # a decaying loss with 15 % noise, bursts and ×10 spikes
+            v = (1.5 + 3.0 * math.exp(-i / 800)) * math.exp(rng.gauss(0, 0.15))
+            v *= 10 if rng.random() < 0.003 else (3 if 2000 <= i < 2004 else 1)
+        elif kind == "heavy":        # heavy tails and level changes
+            v = (2.0 + (i // 700) % 3) * math.exp(rng.gauss(0, 0.05) / max(0.05, rng.random()))
+        elif kind == "ties":         # a few distinct values, flat stretches, one jump
+            v = 2.0 + 0.01 * rng.randrange(3) if i < 1500 else 2.0 + 1e-9 * (i % 2)
+            v = 2.5 if i == 2500 else v
+        elif kind == "crossing":     # positive, then around zero from step 1200: judged linearly
+            v = (5.0 if i < 1200 else 0.2) + rng.gauss(0, 0.3) + (8.0 if rng.random() < 0.005 else 0.0)
+        elif kind == "tiny":
+            v = 1e-250 * math.exp(rng.gauss(0, 0.2)) * (100 if rng.random() < 0.004 else 1)
+        else:                        # huge: near the top of the float range
+            v = 1e305 * math.exp(rng.gauss(0, 0.2)) * (100 if rng.random() < 0.004 else 1)
+        out.append(v)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["lognormal", "heavy", "ties", "crossing", "tiny", "huge"])
+@pytest.mark.parametrize("window, zscore, warmup, patience", [
+    (200, 6.0, 50, 1), (200, 3.0, 10, 2), (64, 4.0, 100, 1), (30, 2.0, 5, 3), (200, 0.0, 50, 1),
+    (200, 1e9, 50, 1),
+])
+def test_spike_alarms_are_exactly_those_of_judging_every_value(kind: str, window: int, zscore: float,
+                                                               warmup: int, patience: int) -> None:
+    """Most values join the window under a ceiling without being judged (see _SpikeWatch):
+    the alarms, their steps and their robust deviations must not change for it."""
+    values = spiky_series(kind, 3000, seed=window + patience)
+    spec = SpikeSpec("x", window=window, zscore=zscore, warmup=warmup, patience=patience)
+    det = Detectors(DetectSpec(spikes=(spec,)))
+    det.start_attempt(0.0)
+    got = feed_all(det, values, metric="x")
+    want = reference_alarms(values, spec)
+    assert [a.step for a in got] == [i for i, _ in want]
+    for a, (_, z) in zip(got, want):
+        assert f"{z:.1f} robust deviations" in a.reason
+    if zscore == 6.0 and kind in ("lognormal", "ties"):
+        assert want, "the series should hold spikes"
+
+
+def test_a_ceiling_allows_for_the_window_changing_under_it() -> None:
+    """A ceiling covers several values, so it must hold for every window they can make: here
+    the 0 swapped in for a -10 halves the MAD (11 × -10, 19 × 0, 10 × 10 → 10 × -10, 20 × 0,
+    10 × 10), and puts the 10 after it 1.3 robust deviations out (limit 1), not 0.7."""
+    values = [-10.0] * 11 + [0.0] * 19 + [10.0] * 10 + [0.0, 10.0]
+    spec = SpikeSpec("x", window=40, zscore=1.0, warmup=5)
+    det = Detectors(DetectSpec(spikes=(spec,)))
+    det.start_attempt(0.0)
+    got = [a.step for a in feed_all(det, values, metric="x")]
+    assert got == [i for i, _ in reference_alarms(values, spec)] and got[-1] == 41
+
+
+def test_most_values_join_the_spike_window_unjudged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ceiling is what keeps the per-line cost down: on a noisy loss curve nearly every
+    value after the first window is under it."""
+    judged = []
+    full = watch._SpikeWatch._judge
+
+    def counting(self: Any, value: float, *args: Any) -> Any:
+        judged.append(value)
+        return full(self, value, *args)
+
+    monkeypatch.setattr(watch._SpikeWatch, "_judge", counting)
+    det = Detectors(DetectSpec.default())
+    det.start_attempt(0.0)
+    assert feed_all(det, loss_curve(5000, seed=8)) == []
+    assert len(judged) < 200 + 100   # the first window, and about 1 % beyond
 
 
 def test_spike_waits_for_warmup_and_ignores_a_falling_loss() -> None:
