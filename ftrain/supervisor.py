@@ -590,7 +590,14 @@ class Supervisor:
             if since is not None:
                 since.close()
         exit_ = child.finish()
-        self._ingest(tailer, watch, n, ignored, act=False)
+        # What the script wrote before it ended but was read only now is judged as if read in
+        # time: whether a NaN two lines before the exit is acted on must not depend on how
+        # soon this process was scheduled. Past an anomaly, or after we asked it to stop, the
+        # rest is only journaled.
+        late = self._ingest(tailer, watch, n, ignored, act=anomaly is None and not interrupted_sent)
+        if late is not None:
+            self._say(f"attempt {n} ended before its last lines were read: {late.reason}", "warn")
+            anomaly = late
         tailer.close()
         while self._hook_fds:
             os.close(self._hook_fds.pop())

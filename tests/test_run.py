@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -296,6 +297,53 @@ def test_rollback_quarantines_and_skips_in_the_next_attempt(tmp_path, write, fil
     assert "skipped 17" not in log2
     quarantined = sorted(p.name for p in (run / "checkpoints" / "quarantine").glob("*.pt"))
     assert quarantined and all(int(n.split("-")[1].split(".")[0]) > 11 for n in quarantined)
+
+
+def run_with_the_supervisor_stopped(tmp_path: Path, policy: Path, config: Path) -> tuple[int, Path]:
+    """``late_nan.py`` stops its supervisor, logs a NaN at step 5 and exits 0; the supervisor is
+    continued once that process is a zombie: the NaN is read only after the exit."""
+    run, pidfile = tmp_path / "run", tmp_path / "pids"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FTRAIN_")}
+    p = subprocess.Popen(ftrain_cmd("run", str(CHILDREN / "late_nan.py"), str(pidfile), "--policy", str(policy),
+                                    "--config", str(config), "--run-dir", str(run), "--no-ui"),
+                         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (pidfile.exists() and pidfile.read_text().endswith("\n")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        child, supervisor = map(int, pidfile.read_text().split())
+        assert supervisor == p.pid
+        while pid_alive(child) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not pid_alive(child)
+        assert Path(f"/proc/{p.pid}/stat").read_text().split(")")[-1].split()[0] == "T"   # still stopped
+    finally:
+        os.kill(p.pid, signal.SIGCONT)
+    p.communicate(timeout=60)
+    return p.returncode, run
+
+
+def test_a_nan_read_only_after_the_exit_is_acted_on_as_if_read_in_time(tmp_path, write):
+    policy = write("policy.yaml", FAST_POLICY.replace("    action: rollback\n    margin: 2\n    skip_steps: 3\n",
+                                                      "    action: restart\n"))
+    code, run = run_with_the_supervisor_stopped(tmp_path, policy, write("config.yaml", CONFIG))
+    assert code == 0
+    evts = events(run)
+    (failure,) = of(evts, "failure")
+    assert failure["kind"] == "nonfinite" and failure["step"] == 5 and failure["exit_code"] == 0
+    assert of(evts, "decision")[0]["action"] == "restart"
+    assert len(of(evts, "attempt_start")) == 2 and evts[-1]["status"] == "succeeded"
+
+
+def test_an_ignored_nan_read_only_after_the_exit_is_journaled_as_ignored(tmp_path, write):
+    policy = write("policy.yaml", FAST_POLICY.replace("    action: rollback\n    margin: 2\n    skip_steps: 3\n",
+                                                      "    action: ignore\n"))
+    code, run = run_with_the_supervisor_stopped(tmp_path, policy, write("config.yaml", CONFIG))
+    assert code == 0
+    evts = events(run)
+    (anomaly,) = of(evts, "anomaly")
+    assert anomaly["step"] == 5 and anomaly["action"] == "ignore"
+    assert not of(evts, "failure") and len(of(evts, "attempt_start")) == 1
 
 
 def test_ignore_action_journals_the_anomaly_and_keeps_training(tmp_path, write, files):

@@ -285,7 +285,7 @@ def test_resume_keeps_the_faults_that_did_not_fire(tmp_path, write):
     policy, cfg = write("p.yaml", POLICY), write("c.yaml", config(400, 0, 0.02))
     run = tmp_path / "run"
     proc = subprocess.Popen(ftrain_cmd("run", JOB, "--policy", str(policy), "--config", str(cfg),
-                                       "--run-dir", str(run), "--no-ui", "--inject", "kill@3,kill@60"),
+                                       "--run-dir", str(run), "--no-ui", "--inject", "kill@3,kill@300"),
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_step(run, 20)  # kill@3 fired in attempt 1; attempt 2 is running
     proc.send_signal(signal.SIGTERM)
@@ -293,5 +293,5 @@ def test_resume_keeps_the_faults_that_did_not_fire(tmp_path, write):
     p = run_ftrain("resume", str(run), "--no-ui", cwd=tmp_path, timeout=120)
     assert p.returncode == 0, p.stderr
     starts = of(events(run), "attempt_start")
-    assert starts[-2]["inject"] == "kill@60"  # the resumed attempt still has the one to come
+    assert starts[-2]["inject"] == "kill@300"  # the resumed attempt still has the one to come
     assert [f["kind"] for f in of(events(run), "failure")] == ["killed", "preempted", "killed"]

@@ -42,9 +42,10 @@ for step in range(start, t["steps"]):
             time.sleep(1)
     time.sleep(t["sleep"])
     ftrain.log(step, loss=1.0 / (step + 1) + 0.01 * (step % 3), grad_norm=0.5)
-    if t["ckpt_every"] and ((step + 1) % t["ckpt_every"] == 0 or ftrain.should_stop()):
+    stop = ftrain.should_stop()   # once a step: a TERM between two calls would exit unsaved
+    if t["ckpt_every"] and ((step + 1) % t["ckpt_every"] == 0 or stop):
         ftrain.save_checkpoint({"step": step}, step)
-    if ftrain.should_stop():
+    if stop:
         print(f"stopping at step {step}", flush=True)
         sys.exit(0)
 print("finished", flush=True)

@@ -27,7 +27,7 @@ def main() -> None:
                             "grad_norm": 1.0}) + "\n").encode()
         if step == split_at:
             os.write(fd, line[:10])
-            time.sleep(0.1)  # the reader polls in between and must keep the half line
+            time.sleep(0.5)  # the reader polls in between (even when descheduled a while) and must keep the half line
             os.write(fd, line[10:])
         else:
             os.write(fd, line)
