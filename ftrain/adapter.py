@@ -52,9 +52,13 @@ RESERVED_METRICS = frozenset({"t", "attempt", "rank", "ftrain"})
 CONFIG_FILE_SUFFIXES = (".yaml", ".yml", ".json")
 _FIELD_RE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 _READ_BACK = 1 << 20   # bytes per backward read of metrics.jsonl
-# File times come from the kernel's coarse clock, up to a tick (1-10 ms) behind the write;
-# a metrics line read within that much after a file's mtime may still predate the file.
-MTIME_SLACK = 0.01
+# A checkpoint without a step in its name is placed at the step of the last line logged
+# before the file was written. A progress line is stamped when it is read, up to DESIGN §9's
+# 100 ms (p99) after the script wrote it, and file times come from the kernel's coarse clock,
+# up to a tick (1-10 ms) behind the write: a line read that much after a file's mtime may
+# still predate the file. Erring late is the safe side: a checkpoint taken for newer than it
+# is can only send a rollback further back, never closer to the NaN than its margin.
+MTIME_SLACK = 0.11
 
 
 class MissingCheckpoint(str, enum.Enum):
