@@ -466,6 +466,7 @@ def test_two_nodes_agree_on_the_decision_after_a_fault_on_one(tmp_path, job):
 
 def test_a_node_killed_outright_is_noticed_and_rejoins_when_resumed(tmp_path, job):
     policy, config = job(hang="8s")
+    config.write_text(CONFIG.replace("steps: 20", "steps: 60"))   # far from done when node 1 is killed
     run = tmp_path / "run"
     watch = PidWatch(run / "heartbeat", run / "nodes/node-1/heartbeat")
     port = free_port()
