@@ -79,19 +79,28 @@ def _prefix(script):
     return names
 
 def _stale(since):
-    """Whether a module imported ahead, from outside the installed packages (an editable
-    install, a PYTHONPATH folder), was edited after we began: the attempt must see the edit."""
+    """Whether a cold start would import other code than we did: a package was installed,
+    upgraded or removed since we began (pip changes the folders of installed packages), or
+    a module from outside them (an editable install, a PYTHONPATH folder) was edited."""
     import site, sysconfig
     paths = sysconfig.get_paths()
     installed = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
     installed.update(site.getsitepackages() + [site.getusersitepackages()])
-    installed = tuple(os.path.realpath(p) + os.sep for p in installed)
+    for folder in installed:
+        try:
+            if os.stat(folder).st_mtime >= since:
+                return True
+        except OSError:
+            pass                    # no user site, say
+    prefixes = tuple({p + os.sep for p in installed} | {os.path.realpath(p) + os.sep for p in installed})
     for module in list(sys.modules.values()):
         path = getattr(module, "__file__", None)
         if not isinstance(path, str) or not os.path.isabs(path):
             continue                # none, or a name only (torch.ops says "_ops.py")
+        if path.startswith(prefixes):
+            continue                # most of them: no realpath (90 ms for torch's 1,900 modules)
         real = os.path.realpath(path)
-        if real.startswith(installed):
+        if real.startswith(prefixes):
             continue
         try:
             if os.stat(real).st_mtime >= since:

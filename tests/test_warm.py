@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -175,6 +176,19 @@ def test_a_library_edited_since_the_spare_imported_it_is_imported_again(setup):
     second = {name: attempt for name, pid, attempt in imports if int(pid) == reports[1]["pid"]}
     assert second == {"heavy": "2", "lazyheavy": "2"}, imports
     assert reports[1]["name"] == "__main__" and reports[1]["argv"] == [str(script)]
+
+
+def test_a_package_installed_since_the_spare_began_makes_it_start_cold(setup):
+    """pip install, upgrade and uninstall change the installed-packages folder: its new time
+    (as if pip ran while attempt 1 trained) makes the spare start cold in place."""
+    run, script = setup
+    purelib = sysconfig.get_paths()["purelib"]
+    p, run_dir, imports = run({"1": "segv"}, touch={"1": purelib})
+    assert p.returncode == 0, p.stderr
+    reports = _reports(p)
+    assert [s["warm"] for s in of(events(run_dir), "attempt_start")] == [False, True]
+    second = {name: attempt for name, pid, attempt in imports if int(pid) == reports[1]["pid"]}
+    assert second == {"heavy": "2", "lazyheavy": "2"}, imports
 
 
 def test_warm_start_false_starts_every_attempt_cold(setup):
