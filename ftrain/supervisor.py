@@ -632,9 +632,13 @@ class Supervisor:
         """The attempt's process: the waiting spare if it fits, else a new one. (child, warm)"""
         spare, self._spare = self._spare, None
         if spare is not None:
+            died = spare.child.proc.poll()
             child = spare.launch(command, env, log_path, self.report.output, line_hook)
             if child is not None:
                 return child, True
+            if died is not None and died < 0:   # the OOM killer's first pick while it waited
+                how = Exit(died, spare.child.pid, 0).signal_name
+                self._say(f"the spare interpreter was killed by {how} while it waited; starting cold", "warn")
         try:
             return Child(command, env=env, cwd=self.launch.cwd, log_path=log_path,
                          sink=self.report.output, line_hook=line_hook), False

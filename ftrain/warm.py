@@ -17,11 +17,16 @@ read ``sys.argv`` or files). Then what the last attempt had imported by its firs
 from outside the script's folder, as the shim listed it in ``attempts/NNNN/modules.txt``:
 torch imports ``torch._dynamo`` (800 modules, 1.2 s) when the first optimizer is built.
 If a module it imported from outside the installed packages (an editable install, a
-``PYTHONPATH`` folder) was edited since, the spare starts cold after all (``execve`` of the
+``PYTHONPATH`` folder) was edited since, or a package was installed, upgraded or removed,
+the spare starts cold after all (``execve`` of the
 plain command): a fix to a library between attempts is seen, as with a new process. A cold start is used instead when the spare died, when the
 new attempt's environment differs from the spare's in anything but ``FTRAIN_*`` (an
 adapter's ``env:`` that follows an override, say), or when the command is not ``python
 script.py``. ``warm_start: false`` in the policy turns it off.
+
+While it waits, a spare is the kernel OOM killer's first pick (``oom_score_adj`` 1000): on a
+host short of memory it goes before the training process does. It takes the inherited
+value back when it becomes an attempt; a spare that died is replaced by a cold start.
 
     attempt N running ──(first step seen)──► Spare(): python -c BOOT fd script
                                                │ imports torch …, blocks on fd
@@ -109,9 +114,22 @@ def _stale(since):
             return True
     return False
 
+def _oom_score_adj(value):
+    """Set this process's oom_score_adj; the old value, or None where it cannot be set. An
+    unprivileged process may raise it and lower it again to where it started."""
+    try:
+        with open("/proc/self/oom_score_adj", "r+") as f:
+            old = f.read().strip()
+            f.seek(0)
+            f.write(value)
+        return old
+    except (OSError, ValueError):
+        return None
+
 def _main():
     import time
     began = time.time()
+    inherited = _oom_score_adj("1000")   # while it only waits, the OOM killer's first pick
     fd, script, listed = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
     if not sys.flags.safe_path:     # as `python script.py`: the script's folder first
         sys.path[0] = os.path.dirname(os.path.abspath(script))
@@ -143,6 +161,8 @@ def _main():
     os.close(fd)
     if not chunks:                  # stood down: no attempt for us
         os._exit(0)
+    if inherited is not None:       # an attempt now, as any other
+        _oom_score_adj(inherited)
     import json
     msg = json.loads(b"".join(chunks))
     if _stale(began):               # start cold after all, in this same process

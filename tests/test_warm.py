@@ -61,7 +61,8 @@ def main():
     cfg = ftrain.config({"fail_at": {}, "touch": {}})
     attempt = os.environ["FTRAIN_ATTEMPT"]
     print(json.dumps({"attempt": attempt, "name": __name__, "argv": sys.argv, "path0": sys.path[0],
-                      "pid": os.getpid(), "main_is_us": sys.modules["__main__"].__dict__ is globals()}),
+                      "pid": os.getpid(), "main_is_us": sys.modules["__main__"].__dict__ is globals(),
+                      "adj": open("/proc/self/oom_score_adj").read().strip()}),
           flush=True)
     for step in range(6):
         ftrain.log(step, loss=1.0 / (step + 1))
@@ -77,6 +78,26 @@ def main():
                 raise ValueError("bad shape (3, 4) at step 3")
             if how == "exit":
                 sys.exit(7)
+            if how == "oom-kill-the-spare":   # as the kernel's OOM killer would, by its score
+                import signal
+                for _ in range(200):
+                    spares = [int(p) for p in os.listdir("/proc") if p.isdigit() and _adj(p) == "1000"]
+                    if spares:
+                        break
+                    time.sleep(0.05)
+                for pid in spares:
+                    os.kill(pid, signal.SIGKILL)
+                print(json.dumps({"spares_killed": len(spares)}), flush=True)
+                import ctypes
+                ctypes.string_at(0)
+
+
+def _adj(pid):
+    try:
+        with open(f"/proc/{pid}/oom_score_adj") as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 import json
@@ -146,6 +167,8 @@ def test_restart_runs_in_the_spare_with_imports_done_as_python_would(setup):
     for r in reports[1:]:
         assert by_pid[r["pid"]] == {"heavy": "-", "lazyheavy": "-"}
     assert (run_dir / "attempts/0001/modules.txt").read_text().split().count("lazyheavy") == 1
+    # a waiting spare is the OOM killer's first pick; as an attempt it has what we have
+    assert {r["adj"] for r in reports} == {Path("/proc/self/oom_score_adj").read_text().strip()}
     # the spare that was never needed is gone with the run
     _no_spare_left(script)
 
@@ -189,6 +212,16 @@ def test_a_package_installed_since_the_spare_began_makes_it_start_cold(setup):
     assert [s["warm"] for s in of(events(run_dir), "attempt_start")] == [False, True]
     second = {name: attempt for name, pid, attempt in imports if int(pid) == reports[1]["pid"]}
     assert second == {"heavy": "2", "lazyheavy": "2"}, imports
+
+
+def test_a_spare_the_oom_killer_took_is_replaced_by_a_cold_start(setup):
+    run, script = setup
+    p, run_dir, _ = run({"1": "oom-kill-the-spare"})
+    assert p.returncode == 0, p.stderr
+    assert '{"spares_killed": 1}' in p.stdout      # found by its oom_score_adj of 1000
+    assert "spare interpreter was killed by SIGKILL while it waited; starting cold" in p.stderr
+    assert [s["warm"] for s in of(events(run_dir), "attempt_start")] == [False, False]
+    assert [f["kind"] for f in of(events(run_dir), "failure")] == ["segfault"]
 
 
 def test_warm_start_false_starts_every_attempt_cold(setup):
