@@ -547,8 +547,7 @@ class Supervisor:
         if self._notifier is not None:
             child.wake_on(self._notifier.fileno(), self._notifier.drain)
             timeout = POLL_IDLE
-        want_spare = (self.policy.warm_start and self.dist is None and fits(command, sys.executable)
-                      and self._spare is None)
+        want_spare = self.policy.warm_start and fits(command, sys.executable) and self._spare is None
         while child.pump(timeout):
             now = time.monotonic()
             seen = watch.steps

@@ -131,10 +131,19 @@ def _main():
     began = time.time()
     inherited = _oom_score_adj("1000")   # while it only waits, the OOM killer's first pick
     fd, script, listed = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
-    if not sys.flags.safe_path:     # as `python script.py`: the script's folder first
+    module = listed.pop(0) if script == "-m" else None
+    if module is not None:          # `python -m module`: what it imports, not its main
+        if not sys.flags.safe_path:
+            sys.path[0] = os.getcwd()
+        try:
+            __import__(module)
+        except BaseException:
+            os._exit(0)
+        del sys.modules[module]     # run_module runs it afresh as __main__, as `python -m` does
+    elif not sys.flags.safe_path:   # as `python script.py`: the script's folder first
         sys.path[0] = os.path.dirname(os.path.abspath(script))
     sys.argv = [script]
-    for mod in _prefix(script):
+    for mod in _prefix(script) if module is None else ():
         try:
             __import__(mod)
         except BaseException:       # the script meets the error itself, on a cold start
@@ -170,6 +179,11 @@ def _main():
     os.environ.clear()
     os.environ.update(msg["env"])
     sys.argv = list(msg["argv"])
+    if module is not None:
+        import runpy
+        del sys.argv[0]             # ["-m", module, args…] → [module, args…]; run_module sets [0]
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        return
     script = sys.argv[0]
     import builtins, importlib.machinery, types
     main = types.ModuleType("__main__")
@@ -199,10 +213,21 @@ _main()
 '''
 
 
+# Modules a spare may run as ``python -m``: importing them ahead has no effect but imports.
+WARM_MODULES = frozenset({"torch.distributed.run"})   # torchrun's agent: 2 s of imports
+
+
 def fits(command: Sequence[str], interpreter: str) -> bool:
-    """Whether ``command`` is ``python script.py …`` with our interpreter: the only shape a
-    spare can stand in for."""
-    return len(command) >= 2 and command[0] == interpreter and command[1].endswith(".py")
+    """Whether ``command`` is ``python script.py …`` or ``python -m torch.distributed.run …``
+    with our interpreter: the shapes a spare can stand in for."""
+    if len(command) < 2 or command[0] != interpreter:
+        return False
+    return command[1].endswith(".py") or (command[1] == "-m" and len(command) > 2 and command[2] in WARM_MODULES)
+
+
+def _head(command: Sequence[str]) -> tuple[str, ...]:
+    """What a spare is started for: interpreter and script, or interpreter, ``-m`` and module."""
+    return tuple(command[:3] if command[1] == "-m" else command[:2])
 
 
 def _base(env: Mapping[str, str]) -> dict[str, str]:
@@ -215,12 +240,15 @@ class Spare:
     def __init__(self, command: Sequence[str], env: Mapping[str, str], cwd: Path | None,
                  modules: Path | None = None) -> None:
         """``modules``: the names the shim listed at the last attempt's first step."""
-        self.interpreter, self.script = command[0], command[1]
+        self.head = _head(command)
         self.env = _base(env)
         read_end, self._go = os.pipe()
-        listed = [str(modules)] if modules is not None and modules.is_file() else []
+        if command[1] == "-m":      # a module's own imports only: what a script imported is not its
+            listed = [command[2]]
+        else:
+            listed = [str(modules)] if modules is not None and modules.is_file() else []
         try:
-            self.child = Child([self.interpreter, "-c", BOOT, str(read_end), self.script, *listed],
+            self.child = Child([command[0], "-c", BOOT, str(read_end), command[1], *listed],
                                env=self.env, cwd=cwd, log_path=None, pass_fds=(read_end,))
         except OSError:
             os.close(self._go)
@@ -229,8 +257,7 @@ class Spare:
             os.close(read_end)
 
     def usable_for(self, command: Sequence[str], env: Mapping[str, str]) -> bool:
-        return (self.child.proc.poll() is None and tuple(command[:2]) == (self.interpreter, self.script)
-                and _base(env) == self.env)
+        return self.child.proc.poll() is None and _head(command) == self.head and _base(env) == self.env
 
     def launch(self, command: Sequence[str], env: Mapping[str, str], log_path: Path,
                sink: OutputSink | None = None, line_hook: Callable[[str], None] | None = None) -> Child | None:

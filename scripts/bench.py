@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -27,9 +28,11 @@ PY = sys.executable
 RESULTS: dict[str, Any] = {}
 
 CRASH_SH = """#!/bin/sh
-# One attempt of a crashing job: stamp the start, stamp the end, exit 1.
-echo "start $(date +%s.%N)" >> "$STAMPS"
-echo "end $(date +%s.%N)" >> "$STAMPS"
+# One attempt of a crashing job: stamp the start, stamp the end, exit 1. The attempt is
+# ftrain's number or torchrun's restart count (ranks of one attempt share it).
+A="${FTRAIN_ATTEMPT:-}${TORCHELASTIC_RESTART_COUNT:-}"
+echo "start $(date +%s.%N) $A" >> "$STAMPS"
+echo "end $(date +%s.%N) $A" >> "$STAMPS"
 exit 1
 """
 
@@ -57,15 +60,19 @@ def report(name: str, value: Any, unit: str = "", budget: str = "", peer: str = 
 
 
 def gaps_from(stamps: Path) -> list[float]:
-    """Child exit → next child start, from the stamps each attempt wrote."""
-    rows = [line.split() for line in stamps.read_text().splitlines() if line.strip()]
-    gaps, last_end = [], None
-    for kind, t in rows:
-        if kind == "start" and last_end is not None:
-            gaps.append(float(t) - last_end)
-        if kind == "end":
-            last_end = float(t)
-    return gaps
+    """Child exit → next child start, from the stamps each attempt wrote: with several
+    ranks, the last exit of an attempt → the first start of the next."""
+    starts: dict[str, float] = {}
+    ends: dict[str, float] = {}
+    for line in stamps.read_text().splitlines():
+        kind, t, *attempt = line.split()
+        key = attempt[0] if attempt else ""
+        if kind == "start":
+            starts[key] = min(starts.get(key, math.inf), float(t))
+        else:
+            ends[key] = max(ends.get(key, 0.0), float(t))
+    order = sorted(starts, key=starts.get)
+    return [starts[b] - ends[a] for a, b in zip(order, order[1:]) if a in ends]
 
 
 def peak_rss(proc: subprocess.Popen, only_self: bool = True) -> Callable[[], float]:
@@ -125,6 +132,54 @@ def bench_restart_gap(tmp: Path, n: int) -> None:
     report("restart_gap_p90_ms", sorted(gaps)[int(0.9 * (len(gaps) - 1))] * 1000, "ms")
     report("supervisor_rss_peak_mib", ftrain_rss, "MiB", "<= 60 MiB",
            f"torchrun agent: {t_rss:.0f} MiB" if t_rss else "")
+
+
+RANK_PY = """
+# A rank of a crashing two-rank job: stamp the start, log a step (rank 0: the run is under
+# way), train a while, stamp the end, exit 1. No torch import: the gap is the launchers'.
+import os, sys, time
+A = os.environ.get("FTRAIN_ATTEMPT", "") + os.environ.get("TORCHELASTIC_RESTART_COUNT", "")
+with open(os.environ["STAMPS"], "a") as f:
+    f.write(f"start {time.time()} {A}\\n")
+import ftrain
+if os.environ.get("RANK") == "0":
+    ftrain.log(0, loss=1.0)
+time.sleep(float(os.environ["HOLD"]))
+with open(os.environ["STAMPS"], "a") as f:
+    f.write(f"end {time.time()} {A}\\n")
+sys.exit(1)
+"""
+
+
+def bench_dist_restart_gap(tmp: Path, n: int) -> None:
+    """Two ranks through torchrun: ftrain's restart (a new torchrun agent for each attempt,
+    warm or cold) vs torchrun's own --max-restarts (its agent stays), same rank script."""
+    torchrun = shutil.which("torchrun") or str(Path(PY).with_name("torchrun"))
+    if not Path(torchrun).exists():
+        print("dist_restart_gap: torchrun not installed")
+        return
+    script = tmp / "rank.py"
+    script.write_text(RANK_PY)
+    medians = {}
+    for warm in ("true", "false"):
+        policy = tmp / f"restart-{warm}.yaml"
+        policy.write_text(RESTART_POLICY.format(n=n) + f"warm_start: {warm}\n")
+        stamps = tmp / f"ftrain-{warm}.stamps"
+        env = {**os.environ, "STAMPS": str(stamps), "HOLD": "4"}   # time for a spare to get ready
+        subprocess.run([PY, "-m", "ftrain", "run", str(script), "--nproc-per-node", "2", "--policy", str(policy),
+                        "--no-ui", "--run-dir", str(tmp / f"dist-run-{warm}")], env=env, cwd=tmp,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        gaps = gaps_from(stamps)
+        medians[warm] = statistics.median(gaps) * 1000 if gaps else math.nan
+    env = {**os.environ, "STAMPS": str(tmp / "torchrun.stamps"), "HOLD": "0.5"}
+    subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", f"--max-restarts={n}",
+                    "--monitor-interval", "0.1", str(script)],
+                   env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t_gaps = gaps_from(tmp / "torchrun.stamps")
+    t_med = statistics.median(t_gaps) * 1000 if t_gaps else math.nan
+    report("dist_restart_gap_median_ms", medians["true"], "ms", "",
+           f"2 ranks, {n} restarts; cold (warm_start: false) {medians['false']:.0f} ms; "
+           f"torchrun --max-restarts: {t_med:.0f} ms")
 
 
 def bench_startup(tmp: Path, n: int = 7) -> None:
@@ -382,6 +437,7 @@ def main() -> None:
     q = args.quick
     benches: dict[str, Callable[[Path], None]] = {
         "restart": lambda t: bench_restart_gap(t, 10 if q else 30),
+        "dist_gap": lambda t: bench_dist_restart_gap(t, 3 if q else 6),
         "startup": lambda t: bench_startup(t, 3 if q else 7),
         "log": bench_log_cost,
         "ingest": lambda t: bench_ingest(t, 200_000 if q else 500_000),

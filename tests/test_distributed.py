@@ -407,6 +407,12 @@ def test_oom_on_rank_0_halves_the_batch_of_every_rank(tmp_path, job):
     assert decision["overrides"] == {"train.batch_size": 8}
     second = (run / "attempts/0002/output.log").read_text()
     assert len(re.findall(r"rank \d pid \d+ world 2 batch_size 8", second)) == 2
+    # attempt 2's torchrun was the spare started during attempt 1, its imports done
+    starts = of(evts, "attempt_start")
+    assert [s["warm"] for s in starts] == [False, True]
+    spares = [p for p in psutil.process_iter(["cmdline", "cwd"])   # the one started in attempt 2 went with the run
+              if (p.info["cmdline"] or [])[-2:] == ["-m", "torch.distributed.run"] and p.info["cwd"] == str(tmp_path)]
+    assert not spares
     errors = list((run / "attempts/0001/ranks").glob("*/attempt_0/0/error.json"))   # written by the shim
     assert errors and "OutOfMemoryError" in json.loads(errors[0].read_text())["message"]["message"]
     assert_no_rank_survives(watch, run)
