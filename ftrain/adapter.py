@@ -53,12 +53,14 @@ CONFIG_FILE_SUFFIXES = (".yaml", ".yml", ".json")
 _FIELD_RE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 _READ_BACK = 1 << 20   # bytes per backward read of metrics.jsonl
 # A checkpoint without a step in its name is placed at the step of the last line logged
-# before the file was written. A progress line is stamped when it is read, up to DESIGN §9's
-# 100 ms (p99) after the script wrote it, and file times come from the kernel's coarse clock,
-# up to a tick (1-10 ms) behind the write: a line read that much after a file's mtime may
-# still predate the file. Erring late is the safe side: a checkpoint taken for newer than it
-# is can only send a rollback further back, never closer to the NaN than its margin.
-MTIME_SLACK = 0.11
+# before the file was written. File times come from the kernel's coarse clock, up to a tick
+# (1-10 ms) behind the write; and a progress line read from the script's output
+# (``metrics_regex``) is stamped when it is read, up to DESIGN §9's 100 ms (p99) after the
+# script wrote it (the shim stamps its lines when written). A line stamped that much after a
+# file's mtime may still predate the file. Erring late is the safe side: a checkpoint taken
+# for newer than it is can only send a rollback further back, never closer to the NaN.
+MTIME_SLACK = 0.01
+READ_SLACK = 0.1
 
 
 class MissingCheckpoint(str, enum.Enum):
@@ -334,7 +336,8 @@ class ScriptAdapter:
                     continue   # a leftover of an earlier run in the same folder
                 found[str(path)] = (path, mtime, ckptfmt.guess_step(path.name))
         unnamed = sorted({mtime for _, mtime, step in found.values() if step is None}, reverse=True)
-        placed = _steps_at(self.run_dir / "metrics.jsonl", unnamed) if unnamed and self.run_dir else {}
+        slack = MTIME_SLACK + (READ_SLACK if self.reads_output else 0.0)
+        placed = _steps_at(self.run_dir / "metrics.jsonl", unnamed, slack) if unnamed and self.run_dir else {}
         result: list[Checkpoint] = []
         for path, mtime, step in sorted(found.values(), key=lambda f: f[1]):
             note = f"matched {', '.join(self.patterns)}; step from the file name"
@@ -556,10 +559,10 @@ def _record(match: re.Match[str]) -> dict[str, Any] | None:
     return record
 
 
-def _steps_at(metrics_path: Path, times: Sequence[float]) -> dict[float, int]:
+def _steps_at(metrics_path: Path, times: Sequence[float], slack: float) -> dict[float, int]:
     """For each time in ``times`` (newest first), the step of the last metrics record
-    written at or before it: what a checkpoint written then holds. Reads ``metrics.jsonl``
-    backwards from its end, so recent times cost little."""
+    stamped at or before it (give or take ``slack``): what a checkpoint written then holds.
+    Reads ``metrics.jsonl`` backwards from its end, so recent times cost little."""
     out: dict[float, int] = {}
     pending = list(times)
     try:
@@ -576,7 +579,7 @@ def _steps_at(metrics_path: Path, times: Sequence[float]) -> dict[float, int]:
             carry = lines.pop(0) if start > 0 else b""
             for raw in reversed(lines):
                 step, t = _step_and_time(raw)
-                while step is not None and pending and t <= pending[0] + MTIME_SLACK:
+                while step is not None and pending and t <= pending[0] + slack:
                     out[pending.pop(0)] = step
                 if not pending:
                     break

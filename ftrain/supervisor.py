@@ -13,6 +13,7 @@ resume needs is in ``journal.jsonl``; ``RunState.replay`` rebuilds it from there
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import math
@@ -596,14 +597,13 @@ class Supervisor:
         late = self._ingest(tailer, watch, n, ignored, act=anomaly is None and not interrupted_sent)
         if late is not None:
             self._say(f"attempt {n} ended before its last lines were read: {late.reason}", "warn")
-            anomaly = late
         tailer.close()
         while self._hook_fds:
             os.close(self._hook_fds.pop())
         if exit_.strays_killed:
             self._say(f"stopped {exit_.strays_killed} leftover process(es) of attempt {n}", "warn")
 
-        failure = self._classify(anomaly, exit_, child, watch, oom_before, interrupted_sent)
+        failure = self._classify(anomaly, exit_, child, watch, oom_before, interrupted_sent, late)
         if failure is not None:
             self._event(Event.FAILURE, attempt=n, **failure.to_json())
             where = f"at step {failure.step}" if failure.step is not None else "before its first step"
@@ -737,14 +737,27 @@ class Supervisor:
         self._say(f"anomaly: {anomaly.reason}" + (" (ignored by policy)" if action == "ignore" else ""), "warn")
 
     def _classify(self, anomaly: Anomaly | None, exit_: Exit, child: Child, watch: AttemptWatch,
-                  oom_before: int | None, interrupted: bool) -> Failure | None:
+                  oom_before: int | None, interrupted: bool, late: Anomaly | None = None) -> Failure | None:
+        """The attempt's failure: the anomaly it was stopped for, else what its exit says. An
+        anomaly read only after the exit (``late``) is the failure as if read in time, with
+        what the exit says after it when that was a failure too."""
         from ftrain.classify import classify, read_oom_kill_count
         if anomaly is not None:
             if self.dist is not None:
                 anomaly = self.dist.explain(anomaly)
             return anomaly.to_failure(exit_code=exit_.returncode, signal=exit_.signal_name)
         oom_after = read_oom_kill_count()
-        oom_killed = oom_before is not None and oom_after is not None and oom_after > oom_before
+        # A spare is the OOM killer's first pick (ftrain.warm): its death is not the attempt's.
+        spare_killed = int(self._spare is not None and self._spare.child.proc.poll() == -signal.SIGKILL)
+        oom_killed = oom_before is not None and oom_after is not None and oom_after - oom_before > spare_killed
+        if late is not None:
+            failure = late.to_failure(exit_code=exit_.returncode, signal=exit_.signal_name)
+            crash = classify(exit_.returncode, child.tail_lines(), step=watch.last_step,
+                             oom_killed=oom_killed, stop_requested=watch.stop_requested)
+            if crash is not None:
+                then = [f"then the script ended: {crash.kind.value}", *crash.evidence[:3]]
+                failure = dataclasses.replace(failure, evidence=(*failure.evidence, *then))
+            return failure
         failure = None
         if self.dist is not None and exit_.returncode != 0 and not interrupted:   # ranks' TERMs are torchrun's
             failure = self.dist.root_cause(child.tail_lines(), step=watch.last_step, oom_killed=oom_killed)

@@ -97,13 +97,20 @@ def _stale(since):
                 return True
         except OSError:
             pass                    # no user site, say
-    prefixes = tuple({p + os.sep for p in installed} | {os.path.realpath(p) + os.sep for p in installed})
+    prefixes = {p + os.sep for p in installed} | {os.path.realpath(p) + os.sep for p in installed}
+    prefixes = tuple(sorted(prefixes, key=len, reverse=True))   # site-packages before a stdlib around it
+    linked = {}                     # top-level entry of an installed folder -> is a symlink
     for module in list(sys.modules.values()):
         path = getattr(module, "__file__", None)
         if not isinstance(path, str) or not os.path.isabs(path):
             continue                # none, or a name only (torch.ops says "_ops.py")
-        if path.startswith(prefixes):
-            continue                # most of them: no realpath (90 ms for torch's 1,900 modules)
+        prefix = next((p for p in prefixes if path.startswith(p)), None)
+        if prefix is not None:      # most of them: no realpath (90 ms for torch's 1,900 modules)
+            top = prefix + path[len(prefix):].split(os.sep, 1)[0]
+            if top not in linked:
+                linked[top] = os.path.islink(top)
+            if not linked[top]:
+                continue            # installed; a package linked in (flit --symlink) is a checkout
         real = os.path.realpath(path)
         if real.startswith(prefixes):
             continue
@@ -130,6 +137,9 @@ def _main():
     import time
     began = time.time()
     inherited = _oom_score_adj("1000")   # while it only waits, the OOM killer's first pick
+    if inherited is not None and (_oom_score_adj(inherited) is None or _oom_score_adj("1000") is None):
+        _oom_score_adj(inherited)   # could not take it back (a floor set above it): stay as we were
+        inherited = None
     fd, script, listed = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
     module = listed.pop(0) if script == "-m" else None
     if module is not None:          # `python -m module`: what it imports, not its main

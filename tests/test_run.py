@@ -299,12 +299,12 @@ def test_rollback_quarantines_and_skips_in_the_next_attempt(tmp_path, write, fil
     assert quarantined and all(int(n.split("-")[1].split(".")[0]) > 11 for n in quarantined)
 
 
-def run_with_the_supervisor_stopped(tmp_path: Path, policy: Path, config: Path) -> tuple[int, Path]:
+def run_with_the_supervisor_stopped(tmp_path: Path, policy: Path, config: Path, *args: str) -> tuple[int, Path]:
     """``late_nan.py`` stops its supervisor, logs a NaN at step 5 and exits 0; the supervisor is
     continued once that process is a zombie: the NaN is read only after the exit."""
     run, pidfile = tmp_path / "run", tmp_path / "pids"
     env = {k: v for k, v in os.environ.items() if not k.startswith("FTRAIN_")}
-    p = subprocess.Popen(ftrain_cmd("run", str(CHILDREN / "late_nan.py"), str(pidfile), "--policy", str(policy),
+    p = subprocess.Popen(ftrain_cmd("run", str(CHILDREN / "late_nan.py"), str(pidfile), *args, "--policy", str(policy),
                                     "--config", str(config), "--run-dir", str(run), "--no-ui"),
                          cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -333,6 +333,16 @@ def test_a_nan_read_only_after_the_exit_is_acted_on_as_if_read_in_time(tmp_path,
     assert failure["kind"] == "nonfinite" and failure["step"] == 5 and failure["exit_code"] == 0
     assert of(evts, "decision")[0]["action"] == "restart"
     assert len(of(evts, "attempt_start")) == 2 and evts[-1]["status"] == "succeeded"
+
+
+def test_a_late_nan_before_a_crash_is_the_failure_with_the_crash_after_it(tmp_path, write):
+    policy = write("policy.yaml", FAST_POLICY.replace("    action: rollback\n    margin: 2\n    skip_steps: 3\n",
+                                                      "    action: restart\n"))
+    code, run = run_with_the_supervisor_stopped(tmp_path, policy, write("config.yaml", CONFIG), "segv")
+    assert code == 0
+    (failure,) = of(events(run), "failure")
+    assert failure["kind"] == "nonfinite" and failure["step"] == 5 and failure["signal"] == "SIGSEGV"
+    assert "then the script ended: segfault" in failure["evidence"]
 
 
 def test_an_ignored_nan_read_only_after_the_exit_is_journaled_as_ignored(tmp_path, write):

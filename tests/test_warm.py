@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -80,13 +80,15 @@ def main():
                 sys.exit(7)
             if how == "oom-kill-the-spare":   # as the kernel's OOM killer would, by its score
                 import signal
-                for _ in range(200):
-                    spares = [int(p) for p in os.listdir("/proc") if p.isdigit() and _adj(p) == "1000"]
+                for _ in range(200):           # among our supervisor's children only
+                    spares = [pid for pid in _children(os.getppid()) if pid != os.getpid() and _adj(pid) == "1000"]
                     if spares:
                         break
                     time.sleep(0.05)
                 for pid in spares:
                     os.kill(pid, signal.SIGKILL)
+                while any(_adj(pid) is not None and not _zombie(pid) for pid in spares):
+                    time.sleep(0.01)           # dead before we crash, as an OOM kill would be
                 print(json.dumps({"spares_killed": len(spares)}), flush=True)
                 import ctypes
                 ctypes.string_at(0)
@@ -98,6 +100,26 @@ def _adj(pid):
             return f.read().strip()
     except OSError:
         return None
+
+
+def _children(ppid):
+    out = []
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                if name.isdigit() and int(f.read().rsplit(")", 1)[1].split()[1]) == ppid:
+                    out.append(int(name))
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+
+def _zombie(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 import json
@@ -120,14 +142,14 @@ def setup(tmp_path, write):
     script.write_text(SCRIPT)
     script = script.resolve()
     log = tmp_path / "imports.log"
-    env = {"PYTHONPATH": str(site), "WARM_TEST_LOG": str(log)}
+    base_env = {"PYTHONPATH": str(site), "WARM_TEST_LOG": str(log)}
 
-    def run(fail_at: dict, warm: str = "true", extra=(), touch: dict | None = None):
+    def run(fail_at: dict, warm: str = "true", extra=(), touch: dict | None = None, env: dict | None = None):
         config = write("config.yaml", json.dumps({"fail_at": fail_at, "touch": touch or {}}))
         policy = write("policy.yaml", POLICY.replace("WARM", warm))
         run_dir = tmp_path / "run"
         p = run_ftrain("run", str(script), "--policy", str(policy), "--config", str(config), "--run-dir",
-                       str(run_dir), "--no-ui", *extra, cwd=tmp_path, env=env, timeout=120)
+                       str(run_dir), "--no-ui", *extra, cwd=tmp_path, env={**base_env, **(env or {})}, timeout=120)
         imports = [line.split() for line in log.read_text().splitlines()] if log.exists() else []
         return p, run_dir, imports
 
@@ -202,11 +224,16 @@ def test_a_library_edited_since_the_spare_imported_it_is_imported_again(setup):
 
 
 def test_a_package_installed_since_the_spare_began_makes_it_start_cold(setup):
-    """pip install, upgrade and uninstall change the installed-packages folder: its new time
-    (as if pip ran while attempt 1 trained) makes the spare start cold in place."""
+    """pip install, upgrade and uninstall change an installed-packages folder: its new time
+    (as if `pip install --user` ran while attempt 1 trained) makes the spare start cold in
+    place. The user site of a PYTHONUSERBASE of our own: the venv is left alone."""
     run, script = setup
-    purelib = sysconfig.get_paths()["purelib"]
-    p, run_dir, imports = run({"1": "segv"}, touch={"1": purelib})
+    user_site = Path(subprocess.run([sys.executable, "-c", "import site; print(site.getusersitepackages())"],
+                                    env={**os.environ, "PYTHONUSERBASE": str(run.site.parent / "userbase")},
+                                    capture_output=True, text=True, check=True).stdout.strip())
+    user_site.mkdir(parents=True)
+    p, run_dir, imports = run({"1": "segv"}, touch={"1": str(user_site)},
+                              env={"PYTHONUSERBASE": str(run.site.parent / "userbase")})
     assert p.returncode == 0, p.stderr
     reports = _reports(p)
     assert [s["warm"] for s in of(events(run_dir), "attempt_start")] == [False, True]
@@ -215,6 +242,8 @@ def test_a_package_installed_since_the_spare_began_makes_it_start_cold(setup):
 
 
 def test_a_spare_the_oom_killer_took_is_replaced_by_a_cold_start(setup):
+    if Path("/proc/self/oom_score_adj").read_text().strip() == "1000":
+        pytest.skip("every process here already has oom_score_adj 1000: a spare cannot stand out")
     run, script = setup
     p, run_dir, _ = run({"1": "oom-kill-the-spare"})
     assert p.returncode == 0, p.stderr
@@ -222,6 +251,34 @@ def test_a_spare_the_oom_killer_took_is_replaced_by_a_cold_start(setup):
     assert "spare interpreter was killed by SIGKILL while it waited; starting cold" in p.stderr
     assert [s["warm"] for s in of(events(run_dir), "attempt_start")] == [False, False]
     assert [f["kind"] for f in of(events(run_dir), "failure")] == ["segfault"]
+
+
+STALE_PROBE = """
+import os, sys, site, time
+from ftrain.warm import BOOT
+ns = {"os": os, "sys": sys}
+exec(BOOT[BOOT.index("def _stale"):BOOT.index("def _oom_score_adj")], ns)
+user_site = site.getusersitepackages()
+os.makedirs(user_site)
+os.symlink(sys.argv[1], os.path.join(user_site, "mylib"))   # flit install --symlink
+sys.path.insert(0, user_site)
+import mylib
+began = time.time()
+time.sleep(0.05)
+before = ns["_stale"](began)
+with open(os.path.join(sys.argv[1], "__init__.py"), "a") as f:
+    f.write("FIXED = True\\n")
+print(before, ns["_stale"](began))
+"""
+
+
+def test_an_edit_to_a_package_linked_into_site_packages_is_seen(tmp_path):
+    src = tmp_path / "checkout" / "mylib"
+    src.mkdir(parents=True)
+    (src / "__init__.py").write_text("X = 1\n")
+    out = subprocess.run([sys.executable, "-c", STALE_PROBE, str(src)], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONUSERBASE": str(tmp_path / "ub")}, cwd=tmp_path)
+    assert out.stdout.split() == ["False", "True"], out.stderr
 
 
 def test_warm_start_false_starts_every_attempt_cold(setup):

@@ -2,7 +2,7 @@
 supervisor, continued only after this process is gone, reads the NaN after the exit, as a
 supervisor descheduled on a loaded machine would. Only in attempt 1; later attempts are clean.
 
-    late_nan.py PIDFILE
+    late_nan.py PIDFILE [segv]    (segv: die by SIGSEGV after the NaN, not exit 0)
 """
 
 import os
@@ -21,4 +21,7 @@ for step in range(10):
         while open(f"/proc/{os.getppid()}/stat").read().rsplit(")", 1)[1].split()[0] != "T":
             time.sleep(0.001)   # stopped for sure, not about to read one more line
     ftrain.log(step, loss=float("nan") if step == 5 and first else 1.0 / (step + 1))
+    if step == 7 and first and sys.argv[2:] == ["segv"]:
+        import ctypes
+        ctypes.string_at(0)
 print("done", flush=True)
