@@ -10,7 +10,6 @@ and nothing here raises on a foreign or unreadable file: it is listed with a not
 from __future__ import annotations
 
 import enum
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -306,6 +305,8 @@ def _sha256(path: Path, stat: os.stat_result) -> str:
     key = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
     digest = _digests.get(key)
     if digest is None:
+        import hashlib   # here: loading OpenSSL is 5 ms of `ftrain run`'s start
+
         with open(path, "rb") as f:
             digest = hashlib.file_digest(f, "sha256").hexdigest() if hasattr(hashlib, "file_digest") \
                 else _sha256_stream(f)
@@ -316,6 +317,8 @@ def _sha256(path: Path, stat: os.stat_result) -> str:
 
 
 def _sha256_stream(f: Any) -> str:
+    import hashlib
+
     h = hashlib.sha256()
     buffer = bytearray(1 << 20)
     view = memoryview(buffer)

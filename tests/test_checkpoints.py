@@ -139,13 +139,14 @@ def test_repeated_scans_hash_each_file_once(ckdir: Path, monkeypatch: pytest.Mon
     save(10)
     save(20)
     calls: list[Any] = []
-    real = checkpoints.hashlib.file_digest
+    import hashlib
+    real = hashlib.file_digest
 
     def counting(f: Any, name: str) -> Any:
         calls.append(f)
         return real(f, name)
 
-    monkeypatch.setattr(checkpoints.hashlib, "file_digest", counting)
+    monkeypatch.setattr(hashlib, "file_digest", counting)
     first = scan(ckdir)
     second = scan(ckdir)
     assert first == second and all(c.status is CheckpointStatus.OK for c in first)
