@@ -185,6 +185,7 @@ def _main():
     import json
     msg = json.loads(b"".join(chunks))
     if _stale(began):               # start cold after all, in this same process
+        os.write(2, b"[ftrain] code changed since this interpreter was started ahead: starting cold\n")
         os.execve(sys.executable, [sys.executable, *msg["argv"]], msg["env"])
     os.environ.clear()
     os.environ.update(msg["env"])

@@ -221,6 +221,8 @@ def test_a_library_edited_since_the_spare_imported_it_is_imported_again(setup):
     second = {name: attempt for name, pid, attempt in imports if int(pid) == reports[1]["pid"]}
     assert second == {"heavy": "2", "lazyheavy": "2"}, imports
     assert reports[1]["name"] == "__main__" and reports[1]["argv"] == [str(script)]
+    log = (run_dir / "attempts/0002/output.log").read_text()   # journaled warm: it says why it is not
+    assert "[ftrain] code changed since this interpreter was started ahead: starting cold" in log
 
 
 def test_a_package_installed_since_the_spare_began_makes_it_start_cold(setup):
