@@ -94,7 +94,8 @@ class _State:
             self.faults = sorted(parse_inject(inject), key=lambda f: f.step)
             self.next_fault_step = self.faults[0].step if self.faults else math.inf
         # Where the first log() lists the modules start-up imported, for the next attempt's
-        # spare interpreter to import ahead (ftrain.warm). Not under torchrun: no spares there.
+        # spare interpreter to import ahead (ftrain.warm). Not under torchrun: the spare there is
+        # torchrun's agent, which imports no script's modules.
         self.modules_path: str | None = None
         if self.run_dir is not None and self.attempt is not None and rank is None:
             self.modules_path = os.path.join(self.run_dir, "attempts", f"{self.attempt:04d}", "modules.txt")

@@ -8,7 +8,8 @@ torch``, ``from transformers import …``) and waits on a pipe. When attempt N e
 policy restarts, the spare receives the attempt's argv and environment and runs the
 script the way ``python script.py`` would: as ``__main__``, with ``sys.argv`` and
 ``sys.path[0]`` set as usual, its traceback printed by ``sys.excepthook`` with our frames
-left out. It is then an ordinary ``process.Child``: same session, same stop, same reaping.
+left out. A torchrun job's spare is its agent, ``python -m torch.distributed.run``, run by
+``runpy`` as ``python -m`` runs it. It is then an ordinary ``process.Child``: same session, same stop, same reaping.
 
 What a spare imports ahead is first the script's own prefix of import statements, run in
 order and stopped at the first statement that is not one, at ``ftrain`` (the shim reads
@@ -21,8 +22,8 @@ If a module it imported from outside the installed packages (an editable install
 the spare starts cold after all (``execve`` of the
 plain command): a fix to a library between attempts is seen, as with a new process. A cold start is used instead when the spare died, when the
 new attempt's environment differs from the spare's in anything but ``FTRAIN_*`` (an
-adapter's ``env:`` that follows an override, say), or when the command is not ``python
-script.py``. ``warm_start: false`` in the policy turns it off.
+adapter's ``env:`` that follows an override, say), or when the command is neither ``python
+script.py`` nor ``python -m torch.distributed.run``. ``warm_start: false`` in the policy turns it off.
 
 While it waits, a spare is the kernel OOM killer's first pick (``oom_score_adj`` 1000): on a
 host short of memory it goes before the training process does. It takes the inherited

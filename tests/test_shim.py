@@ -126,6 +126,23 @@ def test_import_does_not_load_torch_or_yaml(run: Run, supervised: bool) -> None:
     assert json.loads(out.stdout) == {"torch": False, "yaml": False, "numpy": False, "hashlib": False}
 
 
+def test_a_supervised_import_arms_the_shim_before_any_call(run: Run) -> None:
+    """DESIGN §3: on import under the supervisor, SIGUSR1 dumps the stacks (a hang during
+    set-up, before the script's first ftrain call, is not killed by it) and SIGTERM asks to stop."""
+    code = ("import os, signal, time, ftrain; os.kill(os.getpid(), signal.SIGUSR1); time.sleep(0.2); "
+            "print('survived', signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None))")
+    out = subprocess.run([sys.executable, "-c", code], env=run.env(), capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["survived", "True"]
+    assert "most recent call first" in out.stderr
+
+
+def test_ftrain_run_does_not_load_the_shim() -> None:
+    code = "import sys, ftrain.runs; print('ftrain.shim' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], env=clean_env(), capture_output=True, text=True, timeout=30)
+    assert out.stdout.split() == ["False"], out.stderr
+
+
 # --------------------------------------------------------------------------- unsupervised
 def test_unsupervised_everything_works_and_writes_nothing(tmp_path: Path) -> None:
     out = child("shim_values.py", env=clean_env(), cwd=tmp_path)
