@@ -299,9 +299,13 @@ def test_rollback_quarantines_and_skips_in_the_next_attempt(tmp_path, write, fil
     assert quarantined and all(int(n.split("-")[1].split(".")[0]) > 11 for n in quarantined)
 
 
-def run_with_the_supervisor_stopped(tmp_path: Path, policy: Path, config: Path, *args: str) -> tuple[int, Path]:
+def run_with_the_supervisor_stopped(tmp_path: Path, write, action: str, *args: str) -> tuple[int, list[dict]]:
     """``late_nan.py`` stops its supervisor, logs a NaN at step 5 and exits 0; the supervisor is
-    continued once that process is a zombie: the NaN is read only after the exit."""
+    continued once that process is a zombie: the NaN is read only after the exit. The policy's
+    rule for nonfinite is ``action``. Returns the exit code and the journal."""
+    policy = write("policy.yaml", FAST_POLICY.replace("    action: rollback\n    margin: 2\n    skip_steps: 3\n",
+                                                      f"    action: {action}\n"))
+    config = write("config.yaml", CONFIG)
     run, pidfile = tmp_path / "run", tmp_path / "pids"
     env = {k: v for k, v in os.environ.items() if not k.startswith("FTRAIN_")}
     p = subprocess.Popen(ftrain_cmd("run", str(CHILDREN / "late_nan.py"), str(pidfile), *args, "--policy", str(policy),
@@ -320,15 +324,12 @@ def run_with_the_supervisor_stopped(tmp_path: Path, policy: Path, config: Path, 
     finally:
         os.kill(p.pid, signal.SIGCONT)
     p.communicate(timeout=60)
-    return p.returncode, run
+    return p.returncode, events(run)
 
 
 def test_a_nan_read_only_after_the_exit_is_acted_on_as_if_read_in_time(tmp_path, write):
-    policy = write("policy.yaml", FAST_POLICY.replace("    action: rollback\n    margin: 2\n    skip_steps: 3\n",
-                                                      "    action: restart\n"))
-    code, run = run_with_the_supervisor_stopped(tmp_path, policy, write("config.yaml", CONFIG))
+    code, evts = run_with_the_supervisor_stopped(tmp_path, write, "restart")
     assert code == 0
-    evts = events(run)
     (failure,) = of(evts, "failure")
     assert failure["kind"] == "nonfinite" and failure["step"] == 5 and failure["exit_code"] == 0
     assert of(evts, "decision")[0]["action"] == "restart"
@@ -336,21 +337,16 @@ def test_a_nan_read_only_after_the_exit_is_acted_on_as_if_read_in_time(tmp_path,
 
 
 def test_a_late_nan_before_a_crash_is_the_failure_with_the_crash_after_it(tmp_path, write):
-    policy = write("policy.yaml", FAST_POLICY.replace("    action: rollback\n    margin: 2\n    skip_steps: 3\n",
-                                                      "    action: restart\n"))
-    code, run = run_with_the_supervisor_stopped(tmp_path, policy, write("config.yaml", CONFIG), "segv")
+    code, evts = run_with_the_supervisor_stopped(tmp_path, write, "restart", "segv")
     assert code == 0
-    (failure,) = of(events(run), "failure")
+    (failure,) = of(evts, "failure")
     assert failure["kind"] == "nonfinite" and failure["step"] == 5 and failure["signal"] == "SIGSEGV"
     assert "then the script ended: segfault" in failure["evidence"]
 
 
 def test_an_ignored_nan_read_only_after_the_exit_is_journaled_as_ignored(tmp_path, write):
-    policy = write("policy.yaml", FAST_POLICY.replace("    action: rollback\n    margin: 2\n    skip_steps: 3\n",
-                                                      "    action: ignore\n"))
-    code, run = run_with_the_supervisor_stopped(tmp_path, policy, write("config.yaml", CONFIG))
+    code, evts = run_with_the_supervisor_stopped(tmp_path, write, "ignore")
     assert code == 0
-    evts = events(run)
     (anomaly,) = of(evts, "anomaly")
     assert anomaly["step"] == 5 and anomaly["action"] == "ignore"
     assert not of(evts, "failure") and len(of(evts, "attempt_start")) == 1
