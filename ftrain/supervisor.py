@@ -13,7 +13,6 @@ resume needs is in ``journal.jsonl``; ``RunState.replay`` rebuilds it from there
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import json
 import math
@@ -576,8 +575,10 @@ class Supervisor:
             if child.woken and watch.steps != seen:
                 time.sleep(COALESCE)  # let a busy stream gather: one look per COALESCE, not per line
 
+        ended_first = False   # the script had ended on its own when its anomaly was acted on
         if anomaly is not None:
             self._say(f"stopping attempt {n}: {anomaly.reason}", "warn")
+            ended_first = child.proc.poll() is not None
             dump = anomaly.kind is FailureKind.HANG
             if dump and self.dist is not None:   # SIGUSR1 to each rank; it would kill torchrun
                 self.dist.dump_stacks()
@@ -597,13 +598,14 @@ class Supervisor:
         late = self._ingest(tailer, watch, n, ignored, act=anomaly is None and not interrupted_sent)
         if late is not None:
             self._say(f"attempt {n} ended before its last lines were read: {late.reason}", "warn")
+            anomaly, ended_first = late, True
         tailer.close()
         while self._hook_fds:
             os.close(self._hook_fds.pop())
         if exit_.strays_killed:
             self._say(f"stopped {exit_.strays_killed} leftover process(es) of attempt {n}", "warn")
 
-        failure = self._classify(anomaly, exit_, child, watch, oom_before, interrupted_sent, late)
+        failure = self._classify(anomaly, exit_, child, watch, oom_before, interrupted_sent, ended_first)
         if failure is not None:
             self._event(Event.FAILURE, attempt=n, **failure.to_json())
             where = f"at step {failure.step}" if failure.step is not None else "before its first step"
@@ -737,32 +739,30 @@ class Supervisor:
         self._say(f"anomaly: {anomaly.reason}" + (" (ignored by policy)" if action == "ignore" else ""), "warn")
 
     def _classify(self, anomaly: Anomaly | None, exit_: Exit, child: Child, watch: AttemptWatch,
-                  oom_before: int | None, interrupted: bool, late: Anomaly | None = None) -> Failure | None:
+                  oom_before: int | None, interrupted: bool, ended_first: bool = False) -> Failure | None:
         """The attempt's failure: the anomaly it was stopped for, else what its exit says. An
-        anomaly read only after the exit (``late``) is the failure as if read in time, with
-        what the exit says after it when that was a failure too."""
+        anomaly of a script that had ended on its own by the time it was acted on
+        (``ended_first``; read late, say) is the failure as if acted on in time, with what the
+        exit says after it when that was a failure too."""
         from ftrain.classify import classify, read_oom_kill_count
         if anomaly is not None:
             if self.dist is not None:
                 anomaly = self.dist.explain(anomaly)
-            return anomaly.to_failure(exit_code=exit_.returncode, signal=exit_.signal_name)
+            if not ended_first:
+                return anomaly.to_failure(exit_code=exit_.returncode, signal=exit_.signal_name)
         oom_after = read_oom_kill_count()
         # A spare is the OOM killer's first pick (ftrain.warm): its death is not the attempt's.
         spare_killed = int(self._spare is not None and self._spare.child.proc.poll() == -signal.SIGKILL)
         oom_killed = oom_before is not None and oom_after is not None and oom_after - oom_before > spare_killed
-        if late is not None:
-            failure = late.to_failure(exit_code=exit_.returncode, signal=exit_.signal_name)
-            crash = classify(exit_.returncode, child.tail_lines(), step=watch.last_step,
-                             oom_killed=oom_killed, stop_requested=watch.stop_requested)
-            if crash is not None:
-                then = [f"then the script ended: {crash.kind.value}", *crash.evidence[:3]]
-                failure = dataclasses.replace(failure, evidence=(*failure.evidence, *then))
-            return failure
         failure = None
         if self.dist is not None and exit_.returncode != 0 and not interrupted:   # ranks' TERMs are torchrun's
             failure = self.dist.root_cause(child.tail_lines(), step=watch.last_step, oom_killed=oom_killed)
         failure = failure or classify(exit_.returncode, child.tail_lines(), step=watch.last_step,
                                       oom_killed=oom_killed, stop_requested=watch.stop_requested or interrupted)
+        if anomaly is not None:   # the anomaly came first; how the script ended follows it
+            then = (f"then the script ended: {failure.kind.value}", *failure.evidence[:3]) if failure else ()
+            found = anomaly.to_failure(exit_code=exit_.returncode, signal=exit_.signal_name)
+            return replace(found, evidence=(*found.evidence, *then))
         if failure is None:
             bad = {m: v for m, v in self.detectors.last_values.items()
                    if isinstance(v, float) and not math.isfinite(v)}
