@@ -68,3 +68,15 @@ class Failure:
             "step": self.step,
             "evidence": list(self.evidence),
         }
+
+
+def signal_name(code: int | None) -> str | None:
+    """``"SIGSEGV"`` for a return code of a death by signal (``-11``), else None."""
+    import signal
+
+    if code is None or code >= 0:
+        return None
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"SIG{-code}"
