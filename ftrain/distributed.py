@@ -44,7 +44,7 @@ import psutil
 from ftrain.errors import UsageError
 from ftrain.kinds import Failure, FailureKind
 from ftrain.policy import Action, Decision
-from ftrain.watch import Anomaly
+from ftrain.detect import Anomaly
 
 if TYPE_CHECKING:
     from ftrain.supervisor import RunState
@@ -58,7 +58,6 @@ __all__ = [
     "ReportedFailure",
     "adopt_snapshot",
     "analyze_ranks",
-    "bench_two_ranks",
     "in_torch",
     "innermost_frame",
     "job_dir_of",
@@ -1108,82 +1107,3 @@ def adopt_snapshot(state: RunState, data: Mapping[str, Any]) -> None:
     state.rollbacks = [(a, b) for a, b in data.get("rollbacks") or ()]
     state.inject = list(parse_inject(data.get("inject") or ""))
     state.attempt = int(data["attempt"]) - 1
-
-
-# --------------------------------------------------------------------------- measuring
-_BENCH_RANK = """\
-import os, sys, time
-rank = int(os.environ["RANK"])
-attempt = os.environ.get("FTRAIN_ATTEMPT", "0") + "." + os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-with open(os.environ["STAMPS"], "a") as f:
-    f.write(f"start {attempt} {rank} {time.time()}\\n")
-if rank == 1:
-    with open(os.environ["STAMPS"], "a") as f:
-        f.write(f"end {attempt} {rank} {time.time()}\\n")
-    sys.exit(1)
-time.sleep(60)          # rank 0 waits, as if in a collective, until it is stopped
-"""
-
-_BENCH_POLICY = """\
-version: 1
-max_restarts: {n}
-no_progress: 1000
-backoff: 0s
-grace: 5s
-detect: {{hang: false, spike: {{}}, nonfinite: []}}
-rules:
-  - when: [exit_nonzero, exception, segfault, aborted, killed, preempted, nccl_error]
-    action: restart
-"""
-
-
-def _bench_gaps(stamps: Path) -> list[float]:
-    """Rank 1's exit in one attempt → the first rank start of the next, per restart."""
-    starts: dict[str, float] = {}
-    ends: dict[str, float] = {}
-    for line in stamps.read_text().splitlines():
-        kind, attempt, _, t = line.split()
-        table = starts if kind == "start" else ends
-        table[attempt] = min(table.get(attempt, math.inf), float(t))
-    order = sorted(starts, key=starts.__getitem__)
-    return [starts[b] - ends[a] for a, b in zip(order, order[1:]) if a in ends]
-
-
-def bench_two_ranks(tmp: Path, restarts: int = 5) -> dict[str, Any]:
-    """Restart gap of a 2-rank job whose rank 1 exits 1 at once (rank 0 waits to be
-    stopped): under ftrain (``--nproc-per-node 2``, a new torchrun per attempt) and under
-    torchrun's own ``--max-restarts``, same script, same machine. Milliseconds."""
-    import statistics
-    import subprocess
-
-    tmp = Path(tmp)
-    tmp.mkdir(parents=True, exist_ok=True)
-    script = tmp / "two_ranks.py"
-    script.write_text(_BENCH_RANK)
-    policy = tmp / "two_ranks.yaml"
-    policy.write_text(_BENCH_POLICY.format(n=restarts))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FTRAIN_", "PET_", "TORCHELASTIC_"))}
-    env["OMP_NUM_THREADS"] = "1"
-    results: dict[str, Any] = {"restarts": restarts}
-    for name, argv in (
-        ("ftrain", [sys.executable, "-m", "ftrain", "run", str(script), "--nproc-per-node", "2", "--policy",
-                    str(policy), "--no-ui", "--run-dir", str(tmp / "two-ranks-run")]),
-        ("torchrun", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                      f"--max-restarts={restarts}", "--monitor-interval", f"{MONITOR_INTERVAL:g}", str(script)]),
-    ):
-        stamps = tmp / f"{name}.stamps"
-        stamps.unlink(missing_ok=True)
-        t0 = time.monotonic()
-        subprocess.run(argv, env={**env, "STAMPS": str(stamps)}, cwd=tmp, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, timeout=600)
-        gaps = _bench_gaps(stamps) if stamps.exists() else []
-        results[f"{name}_wall_s"] = round(time.monotonic() - t0, 2)
-        if name == "ftrain":   # the supervisor's own share: torchrun's exit → the next torchrun's exec
-            journal = [json.loads(line) for line in (tmp / "two-ranks-run" / "journal.jsonl").read_text().splitlines()]
-            ended = [e["t"] for e in journal if e["event"] == "attempt_end"]
-            started = [e["t"] for e in journal if e["event"] == "attempt_start"][1:]
-            own = [b - a for a, b in zip(ended, started)]
-            results["ftrain_supervisor_gap_median_ms"] = round(statistics.median(own) * 1000, 1) if own else None
-        results[f"{name}_gaps_ms"] = [round(g * 1000, 1) for g in gaps]
-        results[f"{name}_gap_median_ms"] = round(statistics.median(gaps) * 1000, 1) if gaps else None
-    return results

@@ -18,7 +18,7 @@ import yaml
 from ftrain.errors import PolicyError
 from ftrain.kinds import ANOMALY_KINDS, Failure, FailureKind
 from ftrain.overrides import OverrideSpec, compose_and_load, describe_yaml_error, has_key, resolve
-from ftrain.watch import DetectSpec, HangSpec, NonfiniteSpec, SpikeSpec, ThresholdSpec, parse_duration
+from ftrain.detect import DetectSpec, HangSpec, NonfiniteSpec, SpikeSpec, ThresholdSpec, parse_duration
 
 
 class Action(str, enum.Enum):

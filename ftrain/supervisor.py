@@ -34,7 +34,8 @@ from ftrain.kinds import Failure, FailureKind
 from ftrain.policy import Action, Decision, History, Policy
 from ftrain.process import Child, Exit, stop_leftover
 from ftrain.warm import Spare, fits
-from ftrain.watch import Anomaly, ChangeNotifier, Detectors, Tailer
+from ftrain.detect import Anomaly, Detectors
+from ftrain.tail import ChangeNotifier, Tailer
 
 if TYPE_CHECKING:
     from ftrain.distributed import Distributed

@@ -231,7 +231,8 @@ def bench_log_cost(tmp: Path) -> None:
 def bench_ingest(tmp: Path, lines: int = 500_000) -> None:
     """Tailer + detectors (default spec) on a file of metric lines."""
     sys.path.insert(0, str(ROOT))
-    from ftrain.watch import DetectSpec, Detectors, Tailer
+    from ftrain.detect import DetectSpec, Detectors
+    from ftrain.tail import Tailer
 
     path = tmp / "ingest.jsonl"
     with open(path, "w") as f:

@@ -18,10 +18,12 @@ from typing import Any
 
 import pytest
 
-import ftrain.watch as watch
+import ftrain.detect as detect
+import ftrain.tail as tail
+from ftrain.detect import (Anomaly, DetectSpec, Detectors, HangSpec, NonfiniteSpec, SpikeSpec, ThresholdSpec,
+                           parse_duration)
 from ftrain.kinds import Failure, FailureKind
-from ftrain.watch import (Anomaly, DetectSpec, Detectors, HangSpec, NonfiniteSpec, SpikeSpec, Tailer,
-                          ThresholdSpec, parse_duration)
+from ftrain.tail import Tailer
 
 CHILDREN = Path(__file__).parent / "children"
 
@@ -71,15 +73,18 @@ def feed_all(det: Detectors, values: Iterable[float], metric: str = "loss",
 # ------------------------------------------------------------------------------------ api
 
 def test_public_surface() -> None:
-    assert sorted(watch.__all__) == sorted(
-        ["Anomaly", "DetectSpec", "Detectors", "HangSpec", "NonfiniteSpec", "SpikeSpec", "TailStats",
-         "Tailer", "ThresholdSpec", "parse_duration"])
-    for name in watch.__all__:
-        assert getattr(watch, name).__doc__
+    assert sorted(detect.__all__) == sorted(
+        ["Anomaly", "DetectSpec", "Detectors", "HangSpec", "NonfiniteSpec", "SpikeSpec", "ThresholdSpec",
+         "parse_duration"])
+    assert sorted(tail.__all__) == ["ChangeNotifier", "Record", "TailStats", "Tailer"]
+    for module in (detect, tail):
+        for name in module.__all__:
+            if name != "Record":
+                assert getattr(module, name).__doc__
 
 
 def test_watch_never_imports_torch() -> None:
-    code = "import sys, ftrain.watch; sys.exit('torch' in sys.modules)"
+    code = "import sys, ftrain.detect, ftrain.tail; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
@@ -214,7 +219,7 @@ def test_a_chunk_that_is_not_one_array_of_lines_is_parsed_line_by_line(tmp_path:
 def test_change_notifier_wakes_on_a_write_and_one_drain_empties_it(tmp_path: Path) -> None:
     path = tmp_path / "m.jsonl"
     path.touch()
-    notifier = watch.ChangeNotifier.create(path)
+    notifier = tail.ChangeNotifier.create(path)
     if notifier is None:
         pytest.skip("no inotify on this system")
     sel = selectors.DefaultSelector()
@@ -375,13 +380,13 @@ def test_most_values_join_the_spike_window_unjudged(monkeypatch: pytest.MonkeyPa
     """The ceiling is what keeps the per-line cost down: on a noisy loss curve nearly every
     value after the first window is under it."""
     judged = []
-    full = watch._SpikeWatch._judge
+    full = detect._SpikeWatch._judge
 
     def counting(self: Any, value: float, *args: Any) -> Any:
         judged.append(value)
         return full(self, value, *args)
 
-    monkeypatch.setattr(watch._SpikeWatch, "_judge", counting)
+    monkeypatch.setattr(detect._SpikeWatch, "_judge", counting)
     det = Detectors(DetectSpec.default())
     det.start_attempt(0.0)
     assert feed_all(det, loss_curve(5000, seed=8)) == []
