@@ -47,7 +47,7 @@ from ftrain.policy import Action, Decision
 from ftrain.detect import Anomaly
 
 if TYPE_CHECKING:
-    from ftrain.supervisor import RunState
+    from ftrain.state import RunState
 
 __all__ = [
     "Coordinator",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class FailureKind(str, enum.Enum):
@@ -68,6 +69,28 @@ class Failure:
             "step": self.step,
             "evidence": list(self.evidence),
         }
+
+    @classmethod
+    def from_json(cls, data: Any) -> Failure:
+        """The failure ``to_json`` wrote; ``ValueError`` naming the field on bad content."""
+        if not isinstance(data, dict):
+            raise ValueError(f"failure: expected an object, got {data!r}"[:200])
+        try:
+            kind = FailureKind(data.get("kind"))
+        except ValueError:
+            raise ValueError(f"kind: not a failure kind: {data.get('kind')!r}"[:200]) from None
+        code, sig, step, evidence = (data.get(k) for k in ("exit_code", "signal", "step", "evidence"))
+        if code is not None and type(code) is not int:
+            raise ValueError(f"exit_code: expected an integer, got {code!r}"[:200])
+        if sig is not None and not isinstance(sig, str):
+            raise ValueError(f"signal: expected a string, got {sig!r}"[:200])
+        if step is not None and type(step) is not int:
+            raise ValueError(f"step: expected an integer, got {step!r}"[:200])
+        if evidence is None:
+            evidence = []
+        if not isinstance(evidence, list) or not all(isinstance(e, str) for e in evidence):
+            raise ValueError(f"evidence: expected a list of strings, got {evidence!r}"[:200])
+        return cls(kind, exit_code=code, signal=sig, step=step, evidence=tuple(evidence))
 
 
 def signal_name(code: int | None) -> str | None:

@@ -145,7 +145,42 @@ class Decision:
             "skip_steps": [f"{a}-{b}" for a, b in self.skip],
             "backoff": self.backoff,
             "gave_up": self.gave_up,
+            "quarantine_after": self.quarantine_after,
         }
+
+    @classmethod
+    def from_json(cls, data: Any) -> Decision:
+        """The decision ``to_json`` wrote (a journal ``decision`` event fits too);
+        ``ValueError`` naming the field on bad content."""
+        from ftrain.protocol import parse_skip
+
+        if not isinstance(data, Mapping):
+            raise ValueError(f"decision: expected an object, got {data!r}"[:200])
+        try:
+            action = Action(data.get("action"))
+        except ValueError:
+            raise ValueError(f"action: not an action: {data.get('action')!r}"[:200]) from None
+        for key in ("rule", "resume_step", "quarantine_after"):
+            value = data.get(key)
+            if value is not None and type(value) is not int:
+                raise ValueError(f"{key}: expected an integer, got {value!r}"[:200])
+        for key in ("reason", "resume_from"):
+            value = data.get(key)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{key}: expected a string, got {value!r}"[:200])
+        found = data.get("overrides") or {}
+        if not isinstance(found, Mapping) or not all(isinstance(k, str) for k in found):
+            raise ValueError(f"overrides: expected an object, got {found!r}"[:200])
+        windows = data.get("skip_steps") or []
+        if not isinstance(windows, list) or not all(isinstance(w, str) for w in windows):
+            raise ValueError(f"skip_steps: expected a list of a-b strings, got {windows!r}"[:200])
+        backoff = data.get("backoff", 0.0)
+        if type(backoff) not in (int, float) or not backoff >= 0:
+            raise ValueError(f"backoff: expected seconds, got {backoff!r}"[:200])
+        return cls(action, reason=data.get("reason") or "", rule=data.get("rule"), overrides=dict(found),
+                   resume_from=data.get("resume_from"), resume_step=data.get("resume_step"),
+                   skip=parse_skip(",".join(windows), what="skip_steps"), backoff=float(backoff),
+                   gave_up=bool(data.get("gave_up")), quarantine_after=data.get("quarantine_after"))
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from ftrain.inject import Fault, parse_inject
 from ftrain.journal import JOURNAL_VERSION, Event, read_journal
 from ftrain.policy import load_policy
 from ftrain.process import become_subreaper
-from ftrain.supervisor import (LaunchSpec, RunState, Supervisor, build_command, check_fresh_run_dir,
-                               new_run_dir, remove_fault)
+from ftrain.state import RunState, remove_fault
+from ftrain.supervisor import LaunchSpec, Supervisor, build_command, check_fresh_run_dir, new_run_dir
 from ftrain.view import make_reporter
 
 RUNS_DIR = Path("runs")

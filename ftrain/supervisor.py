@@ -31,8 +31,9 @@ from ftrain.errors import RunDirError, UsageError
 from ftrain.inject import Fault, format_inject
 from ftrain.journal import JOURNAL_VERSION, Event, Journal, RunStatus, read_journal
 from ftrain.kinds import Failure, FailureKind
-from ftrain.policy import Action, Decision, History, Policy
+from ftrain.policy import Action, Decision, Policy
 from ftrain.process import Child, Exit, stop_leftover
+from ftrain.state import RunState, remove_fault
 from ftrain.warm import Spare, fits
 from ftrain.detect import Anomaly, Detectors
 from ftrain.tail import ChangeNotifier, Tailer
@@ -79,89 +80,6 @@ class Reporter(Protocol):
     def status(self, attempt: int, step: int | None, metrics: Mapping[str, Any], rate: float | None,
                last_event: str) -> None: ...
     def close(self) -> None: ...
-
-
-@dataclass
-class RunState:
-    """What the run has been through; rebuilt from the journal on resume."""
-
-    attempt: int = 0
-    config: dict[str, Any] = field(default_factory=dict)
-    overrides: dict[str, Any] = field(default_factory=dict)   # accumulated, resolved
-    skip: list[tuple[int, int]] = field(default_factory=list)
-    inject: list[Fault] = field(default_factory=list)          # still to fire
-    resume_from: str | None = None
-    resume_step: int | None = None
-    restarts: int = 0
-    rule_uses: dict[int, int] = field(default_factory=dict)
-    no_progress_streak: int = 0
-    rollbacks: list[tuple[int, int | None]] = field(default_factory=list)
-    best_step: int | None = None
-    finished: dict[str, Any] | None = None   # the run_end event, if any
-
-    def history(self) -> History:
-        return History(restarts=self.restarts, rule_uses=dict(self.rule_uses),
-                       no_progress_streak=self.no_progress_streak, rollbacks=tuple(self.rollbacks),
-                       config=self.config)
-
-    def apply(self, decision: Decision, failure_step: int | None) -> None:
-        """Fold a restart/rollback decision into the state for the next attempt."""
-        self.restarts += 1
-        if decision.rule is not None:
-            self.rule_uses[decision.rule] = self.rule_uses.get(decision.rule, 0) + 1
-        if decision.overrides:
-            self.config = overrides.apply(self.config, decision.overrides)
-            self.overrides.update(decision.overrides)
-        self.skip.extend(decision.skip)
-        self.resume_from = decision.resume_from
-        self.resume_step = decision.resume_step
-        if decision.action is Action.ROLLBACK:
-            self.rollbacks.append((failure_step or 0, decision.resume_step))
-
-    @classmethod
-    def replay(cls, events: Sequence[Mapping[str, Any]], base_config: Mapping[str, Any],
-               inject: Sequence[Fault]) -> "RunState":
-        """Rebuild the state from journal events (DESIGN §4). ``inject`` is what is still to
-        fire: the caller takes the fired faults from the metrics stream, which also holds those
-        of an attempt whose supervisor died before journaling its end."""
-        state = cls(config=dict(base_config), inject=list(inject))
-        for ev in events:
-            name = ev.get("event")
-            if name == Event.ATTEMPT_START.value:
-                state.attempt = max(state.attempt, int(ev.get("attempt", 0)))
-                state.finished = None
-            elif name == Event.ATTEMPT_END.value:
-                reached = ev.get("max_step")
-                if reached is not None and (state.best_step is None or reached > state.best_step):
-                    state.best_step = reached
-                state.no_progress_streak = int(ev.get("no_progress_streak", state.no_progress_streak))
-            elif name == Event.DECISION.value and ev.get("action") in (Action.RESTART.value, Action.ROLLBACK.value):
-                skip = tuple(_parse_window(w) for w in ev.get("skip_steps", []))
-                decision = Decision(Action(ev["action"]), reason=ev.get("reason", ""), rule=ev.get("rule"),
-                                    overrides=ev.get("overrides") or {}, resume_from=ev.get("resume_from"),
-                                    resume_step=ev.get("resume_step"), skip=skip)
-                state.apply(decision, ev.get("failure_step"))
-            elif name == Event.RUN_END.value:
-                state.finished = dict(ev)
-        return state
-
-
-def _parse_window(text: str) -> tuple[int, int]:
-    a, _, b = str(text).partition("-")
-    return int(a), int(b or a)
-
-
-def remove_fault(faults: Sequence[Fault], kind: str, at: int | None) -> list[Fault]:
-    """``faults`` without the one that fired: ``kind@at`` as the shim reported it (or, when
-    ``at`` is unknown, the earliest of that kind). A fault already removed stays removed."""
-    out = list(faults)
-    if at is not None:
-        gone = Fault(kind, at) if Fault(kind, at) in out else None
-    else:
-        gone = min((f for f in out if f.kind == kind), key=lambda f: f.step, default=None)
-    if gone is not None:
-        out.remove(gone)
-    return out
 
 
 @dataclass
@@ -458,7 +376,7 @@ class Supervisor:
                                                if decision.quarantine_after is not None else -1)
                 if moved:
                     self._say(f"quarantined {len(moved)} checkpoint file(s) after step {decision.quarantine_after}")
-            self.state.apply(decision, failure.step)
+            self.state.apply(decision, failure.step, t=time.time())
             if decision.backoff > 0:
                 self._say(f"waiting {decision.backoff:g}s before attempt {n + 1}")
                 if not self._sleep(decision.backoff):

@@ -352,7 +352,7 @@ def test_an_interrupted_node_0_tells_the_others_to_stop(tmp_path):
 
 def test_a_rejoining_node_adopts_node_0s_state(tmp_path):
     from ftrain.inject import parse_inject
-    from ftrain.supervisor import RunState
+    from ftrain.state import RunState
 
     leader = RunState(attempt=4, config={"train": {"batch_size": 4}}, overrides={"train.batch_size": 4},
                       skip=[(100, 199)], inject=list(parse_inject("oom@300")), resume_from="/c/step-99.pt",

@@ -272,7 +272,7 @@ def test_a_fault_that_fired_is_removed_once_and_only_it():
     """Resume takes fired faults from the metrics stream: the same report read twice must not
     remove a later fault of the same kind."""
     from ftrain.inject import parse_inject
-    from ftrain.supervisor import remove_fault
+    from ftrain.state import remove_fault
 
     faults = list(parse_inject("oom@1,oom@3,segv@5"))
     left = remove_fault(faults, "oom", 1)
