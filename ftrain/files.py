@@ -42,7 +42,7 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | str, *, durable: bo
     """Write ``data`` to ``path`` through a temporary file renamed into place."""
     path = os.fspath(path)
     directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")   # unique across hosts
     raw = data.encode() if isinstance(data, str) else data
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
