@@ -23,15 +23,13 @@ Nothing here imports torch or touches a process.
 
 from __future__ import annotations
 
-import enum
 import glob
 import json
 import math
 import os
 import re
 import shlex
-import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -40,7 +38,11 @@ import yaml
 from ftrain import ckptfmt, overrides
 from ftrain.checkpoints import Checkpoint, CheckpointStatus
 from ftrain.errors import PolicyError
-from ftrain.policy import Action, Decision, _Checker, _line_map
+from ftrain.intake import OutputTalk, ShimTalk, Talk
+from ftrain.policy import CheckpointSource, Decision, MissingCheckpoint
+from ftrain.policyfile import _Checker, _line_map
+from ftrain.protocol import RESERVED_METRICS
+from ftrain.script import SHIM
 
 __all__ = ["MissingCheckpoint", "SCRIPT_KEYS", "ScriptAdapter", "render_value"]
 
@@ -48,7 +50,6 @@ SCRIPT_KEYS = ("args", "config_file", "env", "resume_args", "checkpoints", "on_m
                "metrics_regex")
 LEAF_FIELDS = frozenset({"key", "name", "KEY", "NAME", "value"})
 RESUME_FIELDS = frozenset({"checkpoint", "checkpoint_dir"})
-RESERVED_METRICS = frozenset({"t", "attempt", "rank", "ftrain"})
 CONFIG_FILE_SUFFIXES = (".yaml", ".yml", ".json")
 _FIELD_RE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 _READ_BACK = 1 << 20   # bytes per backward read of metrics.jsonl
@@ -61,21 +62,6 @@ _READ_BACK = 1 << 20   # bytes per backward read of metrics.jsonl
 # for newer than it is can only send a rollback further back, never closer to the NaN.
 MTIME_SLACK = 0.01
 READ_SLACK = 0.1
-
-
-class MissingCheckpoint(str, enum.Enum):
-    """What a restart does when ``checkpoints:`` matches nothing of this run.
-
-    ``fresh``  say so and start the script from scratch (no ``resume_args``).
-    ``stop``   end the run: the script cannot be trusted to start over (it would
-               overwrite earlier work, or a fresh start would waste days).
-    """
-
-    FRESH = "fresh"
-    STOP = "stop"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)
@@ -154,10 +140,11 @@ def _leaf_lookup(key: str, value: Any, config: Mapping[str, Any]) -> Callable[[s
 class ScriptAdapter:
     """How the supervisor drives one script without the shim; built by ``from_policy``.
 
-    ``cwd`` is the run's working directory, where ``config_file`` is written (default: the
-    one ``run.json`` records, else the current one). ``run_dir`` (default: learnt from the
-    first ``env`` call) lets a checkpoint whose name carries no step be placed by the
-    metrics logged before it was written, and leaves out files older than the run.
+    ``cwd`` is the run's working directory, where ``config_file`` is written and the
+    ``checkpoints`` globs are matched (default: the current one). ``run_dir`` (default:
+    learnt from the first ``env`` call) lets a checkpoint whose name carries no step be
+    placed by the metrics logged before it was written; ``started`` (run.json's
+    ``created``) leaves out files older than the run.
     """
 
     def __init__(self, *, source: str, args: Sequence[Template] = (), resume_args: Sequence[Template] = (),
@@ -165,7 +152,7 @@ class ScriptAdapter:
                  env_fixed: Mapping[str, Template] | None = None, patterns: Sequence[str] = (),
                  on_missing: MissingCheckpoint = MissingCheckpoint.FRESH,
                  regexes: Sequence[re.Pattern[str]] = (), cwd: Path | None = None,
-                 run_dir: Path | None = None) -> None:
+                 run_dir: Path | None = None, started: float | None = None) -> None:
         self.source = source
         self.args = tuple(args)
         self.resume_args = tuple(resume_args)
@@ -177,12 +164,13 @@ class ScriptAdapter:
         self.regexes = tuple(regexes)
         self.cwd = Path(cwd) if cwd is not None else None
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self._set_aside: list[tuple[int, float]] = []   # (after step, when): set aside by a rollback
+        self.started = started   # when the run began: older files are an earlier run's
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_policy(cls, section: Mapping[str, Any], *, source: str, config: Mapping[str, Any] | None,
-                    cwd: Path | None = None, run_dir: Path | None = None) -> ScriptAdapter:
+                    cwd: Path | None = None, run_dir: Path | None = None,
+                    started: float | None = None) -> ScriptAdapter:
         """Validate a policy's ``script:`` section against ``config`` (None: the section alone,
         as ``ftrain policy check`` without ``--config`` does); PolicyError listing every
         problem as ``file:line: script.key: message``."""
@@ -253,9 +241,32 @@ class ScriptAdapter:
             raise PolicyError(c.errors)
         return cls(source=source, args=args, resume_args=resume_args, config_file=config_file,
                    env_each=env_each, env_fixed=env_fixed, patterns=patterns, on_missing=on_missing,
-                   regexes=regexes, cwd=cwd, run_dir=run_dir)
+                   regexes=regexes, cwd=cwd, run_dir=run_dir, started=started)
 
-    # ------------------------------------------------------------------ the Protocol
+    # ------------------------------------------------------------------ the Script interface
+    def talk(self, metrics_path: Path) -> Talk:
+        """Metrics from the output lines with ``metrics_regex``; else the shim's stream (a
+        script driven by its flags may still log through the shim)."""
+        return OutputTalk(self.parse_line, metrics_path) if self.regexes else ShimTalk(metrics_path)
+
+    def checkpoint_source(self) -> CheckpointSource:
+        """What ``policy.decide`` needs to know of where restarts find checkpoints."""
+        if not self.patterns:
+            return CheckpointSource()
+        return CheckpointSource(script=", ".join(self.patterns), on_missing=self.on_missing)
+
+    def usable(self, checkpoint_dir: Path, set_aside: Sequence[tuple[int, float]]) -> list[Any]:
+        """The checkpoints a restart may use, oldest first: the script's own with
+        ``checkpoints:``, else ftrain's folder."""
+        if not self.patterns:
+            return SHIM.usable(checkpoint_dir, set_aside)
+        return sorted(self.checkpoints(self.cwd, set_aside), key=lambda c: c.step)
+
+    def roll_back(self, decision: Decision, checkpoint_dir: Path) -> str | None:
+        """A rollback sets newer checkpoints aside: the script's own are set aside in the
+        run's state (``RunState.set_aside``); ftrain's own are quarantined."""
+        return None if self.patterns else SHIM.roll_back(decision, checkpoint_dir)
+
     @property
     def reads_output(self) -> bool:
         """Whether the supervisor must feed the script's output lines to ``parse_line``."""
@@ -317,13 +328,14 @@ class ScriptAdapter:
                     return record
         return None
 
-    def checkpoints(self, cwd: Path) -> list[Checkpoint]:
+    def checkpoints(self, cwd: Path | None = None, set_aside: Sequence[tuple[int, float]] = ()) -> list[Checkpoint]:
         """The script's checkpoints of this run that the globs match, ``unverified``, each
         with a step: the one in its name (``ckptfmt.guess_step``), else the step logged
         last before the file was written. Files with neither are left out, and so are those
-        a rollback set aside (``vet_decision``) and the script has not written since."""
-        root = Path(cwd)
-        since = self._run_started()
+        a rollback set aside (``set_aside``: ``(after step, when)`` of each rollback,
+        ``RunState.set_aside``) that the script has not written since."""
+        root = Path(cwd) if cwd is not None else (self.cwd or Path.cwd())
+        since = self.started
         found: dict[str, tuple[Path, float, int | None]] = {}
         for pattern in self.patterns:
             for match in glob.glob(os.path.expanduser(pattern), root_dir=root, recursive=True):
@@ -344,53 +356,15 @@ class ScriptAdapter:
             if step is None:
                 step = placed.get(mtime)
                 note = f"matched {', '.join(self.patterns)}; step logged before it was written"
-            if step is None or any(step > after and mtime <= when for after, when in self._set_aside):
+            if step is None or any(step > after and mtime <= when for after, when in set_aside):
                 continue
             result.append(Checkpoint(path, step, CheckpointStatus.UNVERIFIED, bytes=_size(path), t=mtime,
                                      note=note))
         return result
 
-    def vet_decision(self, decision: Decision, found: Sequence[Any]) -> Decision:
-        """The policy's decision, seen with the script's checkpoints (``found``: what
-        ``checkpoints`` returned for it).
-
-        A restart or rollback that found none follows ``on_missing_checkpoint``: a stop with
-        the reason, or a fresh start that says so. A rollback sets the script's newer
-        checkpoints aside (as the supervisor quarantines its own) until the script writes
-        them again, so a later restart does not pick what the rollback distrusted.
-        """
-        if not self.patterns or decision.action not in (Action.RESTART, Action.ROLLBACK):
-            return decision
-        where = ", ".join(self.patterns)
-        if not found and decision.resume_from is None:
-            if self.on_missing is MissingCheckpoint.STOP:
-                return Decision(Action.STOP, rule=decision.rule,
-                                reason=f"{decision.reason}; but no checkpoint of this run matches {where} "
-                                       "(on_missing_checkpoint: stop)")
-            return replace(decision, reason=f"{decision.reason}; no checkpoint of this run matches {where}: "
-                                            "starting fresh")
-        if decision.action is Action.ROLLBACK:
-            after = decision.resume_step if decision.resume_step is not None else -1
-            newer = sum(1 for c in found if c.step is not None and c.step > after)
-            if newer:
-                self._set_aside.append((after, time.time()))
-                return replace(decision, reason=f"{decision.reason}; {newer} newer checkpoint(s) of the "
-                                                "script set aside until it writes them again")
-        return decision
-
-    def replay(self, events: Sequence[Mapping[str, Any]]) -> None:
-        """Resume: set aside again what the run's rollbacks set aside (``vet_decision``),
-        from their ``decision`` events in the journal."""
-        for ev in events:
-            if ev.get("event") == "decision" and ev.get("action") == Action.ROLLBACK.value:
-                after = ev.get("resume_step")
-                when = ev.get("t")
-                if isinstance(when, (int, float)):
-                    self._set_aside.append((after if isinstance(after, int) else -1, float(when)))
-
     # ------------------------------------------------------------------ internals
     def _write_config(self, config: Mapping[str, Any]) -> None:
-        cwd = self.cwd or Path(self._run_info().get("cwd") or Path.cwd())
+        cwd = self.cwd or Path.cwd()
         path = cwd / os.path.expanduser(self.config_file or "")
         text = json.dumps(dict(config), indent=2) + "\n" if path.suffix == ".json" \
             else overrides.dump_config(config)
@@ -402,23 +376,7 @@ class ScriptAdapter:
             os.fsync(f.fileno())
         os.replace(tmp, path)
 
-    def _run_started(self) -> float | None:
-        """When the run began (``run.json``), so leftovers of an earlier run are not resumed."""
-        created = self._run_info().get("created")
-        return float(created) if isinstance(created, (int, float)) and not isinstance(created, bool) else None
 
-    def _run_info(self) -> dict[str, Any]:
-        """The run folder's ``run.json``; empty when unknown or unreadable."""
-        if self.run_dir is None:
-            return {}
-        try:
-            info = json.loads((self.run_dir / "run.json").read_text())
-        except (OSError, ValueError):
-            return {}
-        return info if isinstance(info, dict) else {}
-
-
-# --------------------------------------------------------------------------- validation
 def _policy_lines(source: str) -> dict[tuple[Any, ...], int]:
     """Line of every key of the policy file, for messages; empty if it cannot be read."""
     try:
@@ -449,7 +407,7 @@ def _check_unique(c: _Checker, where: tuple[Any, ...], template: Template, confi
         return
     if not template.fields & {"name", "NAME"}:
         if template.fields & LEAF_FIELDS == {"value"} and sum(1 for _ in leaves(config)) > 1:
-            c.error(where, f"renders every config value but names no key: use {{key}} or {{name}}")
+            c.error(where, "renders every config value but names no key: use {key} or {name}")
         return
     seen: dict[str, str] = {}
     for key, _ in leaves(config):

@@ -22,15 +22,18 @@ that the report names and, in ``read_oom_kill_count``, the cgroup's counter.
 from __future__ import annotations
 
 import json
+import math
 import re
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 from ftrain.kinds import Failure, FailureKind
+from ftrain.outcome import AttemptOutcome
 
-__all__ = ["PATTERNS", "Pattern", "classify", "classify_error_file", "read_oom_kill_count"]
+__all__ = ["PATTERNS", "Judgement", "Pattern", "classify", "classify_error_file", "failure_of", "judge",
+           "read_oom_kill_count"]
 
 MAX_EVIDENCE = 5      # lines kept per failure
 MAX_LINE = 300        # characters kept per evidence line
@@ -234,6 +237,63 @@ def classify(
     last = next((line.strip() for line in reversed(lines) if line.strip(" =-")), "")
     return failure(K.EXIT_NONZERO, died or ("exit status unknown" if code is None else f"exit {code}"),
                    f"last output: {last}" if last else "")
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """An attempt's failure (None: it succeeded), and for agreeing among nodes whether it
+    failed only as a consequence of another rank (``secondary``) and when (``t``, wall
+    clock; None: unknown, take the time it was judged)."""
+
+    failure: Failure | None
+    secondary: bool = False
+    t: float | None = None
+
+
+def judge(outcome: AttemptOutcome) -> Judgement:
+    """The one failure of an ended attempt, from its evidence (DESIGN §5). Pure.
+
+    The rules, most specific evidence first:
+
+    * an anomaly the attempt was stopped for is the failure (its exit follows from the stop);
+    * an anomaly in what the script wrote before it ended on its own (read only after the
+      exit: a late NaN) is the failure too, with how the script ended after it as evidence;
+    * under torchrun, the root cause among the ranks (``rank_root``): the first rank that
+      failed on its own, not those torchrun stopped or whose collective broke because of it;
+    * else the exit and the output's tail (``classify``), an OOM kill counted only when it
+      was not the waiting spare's;
+    * an exit 0 while the last value of a watched metric is NaN/Inf is ``nonfinite``.
+    """
+    anomaly = outcome.anomaly
+    if anomaly is not None and not outcome.anomaly_after_exit:
+        return Judgement(anomaly.to_failure(exit_code=outcome.exit_code, signal=outcome.signal))
+    oom_killed = outcome.oom_killed
+    found: Failure | None = None
+    secondary, t = False, None
+    if outcome.ranks and outcome.exit_code != 0 and not outcome.interrupted:   # the ranks' TERMs are torchrun's
+        verdict = rank_root(outcome.ranks, step=outcome.last_step, oom_killed=oom_killed, node=outcome.node)
+        if verdict is not None:
+            found, secondary = verdict.failure, verdict.secondary
+            t = verdict.t if math.isfinite(verdict.t) else None
+    if found is None:
+        found = classify(outcome.exit_code, outcome.tail, step=outcome.last_step, oom_killed=oom_killed,
+                         stop_requested=outcome.stop_requested or outcome.interrupted)
+    if anomaly is not None:   # the anomaly came first; how the script ended follows it
+        then = (f"then the script ended: {found.kind.value}", *found.evidence[:3]) if found else ()
+        first = anomaly.to_failure(exit_code=outcome.exit_code, signal=outcome.signal)
+        return Judgement(replace(first, evidence=(*first.evidence, *then)), secondary, t)
+    if found is None:
+        bad = [(m, v) for m, v in outcome.last_values.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            metric, value = bad[0]
+            return Judgement(Failure(K.NONFINITE, exit_code=outcome.exit_code, step=outcome.last_step,
+                                     evidence=(f"exit 0 but the last {metric} is {value}",)))
+    return Judgement(found, secondary, t)
+
+
+def failure_of(outcome: AttemptOutcome) -> Failure | None:
+    """``judge(outcome).failure``: the attempt's one failure kind and its evidence."""
+    return judge(outcome).failure
 
 
 def classify_error_file(path: str | Path) -> str | None:

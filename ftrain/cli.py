@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import click
 
 from ftrain import __version__
-from ftrain.errors import FtrainError, PolicyError, UsageError
+from ftrain.errors import FtrainError, PolicyError
 
 EXIT_USAGE = 2
 
@@ -135,7 +135,7 @@ def policy() -> None:
 def policy_check(file: Path, config_path: Path | None) -> None:
     """Validate a policy: exit 0 and explain it, or exit 2 listing every error."""
     from ftrain.overrides import load_config
-    from ftrain.policy import load_policy
+    from ftrain.policyfile import load_policy
 
     pol = load_policy(file)
     config = load_config(config_path) if config_path is not None else None

@@ -1,24 +1,19 @@
-"""The restart policy: schema, validation with file/line/key, and the decision.
+"""The restart policy as values, and the decision: the one place an action is chosen.
 
-A policy is YAML, version 1 (DESIGN §6). ``load_policy`` reads and validates it, collecting
-every problem before raising one ``PolicyError``; ``Policy.decide`` maps a classified
-``Failure`` and the run's ``History`` (plain values) to a frozen ``Decision``. Nothing here
-touches a process or a file beyond reading the policy.
+``Policy.decide`` maps a classified ``Failure``, the run's ``History`` and the usable
+checkpoints (plain values) to a frozen ``Decision``. Reading and validating a policy file
+(DESIGN §6) is ``ftrain.policyfile``'s. Nothing here touches a process or a file.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterable, Mapping, Protocol, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping, Protocol, Sequence
 
-import yaml
-
-from ftrain.errors import PolicyError
-from ftrain.kinds import ANOMALY_KINDS, Failure, FailureKind
-from ftrain.overrides import OverrideSpec, compose_and_load, describe_yaml_error, has_key, resolve
-from ftrain.detect import DetectSpec, HangSpec, NonfiniteSpec, SpikeSpec, ThresholdSpec, parse_duration
+from ftrain.detect import DetectSpec
+from ftrain.kinds import Failure, FailureKind
+from ftrain.overrides import OverrideSpec, has_key, resolve
 
 
 class Action(str, enum.Enum):
@@ -40,15 +35,6 @@ class Action(str, enum.Enum):
         return self.value
 
 
-RULE_KINDS = frozenset(FailureKind) - {FailureKind.NO_PROGRESS}
-TOP_KEYS = ("version", "max_restarts", "backoff", "no_progress", "grace", "warm_start", "detect", "rules",
-            "checkpoints", "script")
-RULE_KEYS = ("when", "action", "set", "max", "margin", "skip_steps")
-BACKOFF_KEYS = ("initial", "factor", "max")
-DETECT_KEYS = ("nonfinite", "threshold", "spike", "hang")
-SPIKE_KEYS = ("window", "zscore", "warmup", "patience")
-HANG_KEYS = ("timeout", "startup", "floor", "factor")
-CHECKPOINT_KEYS = ("keep_last", "keep_every", "keep_best")
 
 
 @dataclass(frozen=True)
@@ -86,6 +72,27 @@ class CheckpointRetention:
     keep_every: int | None = None
     keep_best_metric: str | None = None
     keep_best_mode: str = "min"
+
+
+class MissingCheckpoint(str, enum.Enum):
+    """``script: on_missing_checkpoint``: what a restart does when none of the script's
+    checkpoints of this run is found."""
+
+    FRESH = "fresh"   # start from scratch, and say so
+    STOP = "stop"     # stop the run with the reason
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class CheckpointSource:
+    """Where the checkpoints a decision picks from come from: ftrain's own folder
+    (``script`` None), or the script's own files matching the ``script: checkpoints``
+    globs (``script``, for the reasons), with what to do when none is found."""
+
+    script: str | None = None
+    on_missing: MissingCheckpoint = MissingCheckpoint.FRESH
 
 
 class CheckpointRef(Protocol):
@@ -198,6 +205,7 @@ class Policy:
     checkpoints: CheckpointRetention = CheckpointRetention()
     script: Mapping[str, Any] = field(default_factory=dict)
     lenient_keys: bool = False  # the built-in default drops overrides of keys a config lacks
+    text: str = field(default="", repr=False, compare=False)   # the YAML it was read from
 
     def rule_for(self, kind: FailureKind) -> Rule | None:
         """The first rule that names ``kind``."""
@@ -220,8 +228,31 @@ class Policy:
         failure: Failure,
         history: History,
         checkpoints: Sequence[CheckpointRef] = (),
+        source: CheckpointSource = CheckpointSource(),
     ) -> Decision:
-        """The decision for ``failure``; pure, from values only."""
+        """The decision for ``failure``; pure, from values only. ``checkpoints``: the usable
+        ones, from ``source``."""
+        decision = self._decide(failure, history, checkpoints)
+        if source.script is None or decision.action not in (Action.RESTART, Action.ROLLBACK):
+            return decision
+        # The script's own checkpoints: none found follows on_missing_checkpoint; a rollback
+        # sets the newer ones aside (RunState.apply) until the script writes them again.
+        if not checkpoints and decision.resume_from is None:
+            if source.on_missing is MissingCheckpoint.STOP:
+                return Decision(Action.STOP, rule=decision.rule,
+                                reason=f"{decision.reason}; but no checkpoint of this run matches {source.script} "
+                                       "(on_missing_checkpoint: stop)")
+            return replace(decision, reason=f"{decision.reason}; no checkpoint of this run matches "
+                                            f"{source.script}: starting fresh")
+        if decision.action is Action.ROLLBACK:
+            after = decision.resume_step if decision.resume_step is not None else -1
+            newer = sum(1 for c in checkpoints if c.step is not None and c.step > after)
+            if newer:
+                return replace(decision, reason=f"{decision.reason}; {newer} newer checkpoint(s) of the "
+                                                "script set aside until it writes them again")
+        return decision
+
+    def _decide(self, failure: Failure, history: History, checkpoints: Sequence[CheckpointRef]) -> Decision:
         kind = failure.kind
         if history.no_progress_streak >= self.no_progress:
             return Decision(Action.STOP, gave_up=True,
@@ -277,348 +308,3 @@ class Policy:
                         resume_step=chosen.step if chosen else None, skip=skip,
                         quarantine_after=chosen.step if chosen else -1,
                         reason=f"{kind.value}: {rule.label()}: roll back {where}{skip_text}{suffix}")
-
-
-# --------------------------------------------------------------------------- loading
-
-def default_policy_path() -> Path:
-    """The built-in default policy, shipped inside the package."""
-    return Path(__file__).with_name("policy.default.yaml")
-
-
-def load_policy(path: Path | None) -> Policy:
-    """Read and validate a policy file (None: the built-in default)."""
-    if path is None:
-        policy = parse_policy(default_policy_path().read_text(), "<default policy>")
-        return _replace(policy, lenient_keys=True)
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        raise PolicyError([f"{path}: policy file not found"]) from None
-    except OSError as exc:
-        raise PolicyError([f"{path}: cannot read policy: {exc.strerror}"]) from exc
-    return parse_policy(text, str(path))
-
-
-def _replace(policy: Policy, **changes: Any) -> Policy:
-    import dataclasses
-
-    return dataclasses.replace(policy, **changes)
-
-
-def _line_map(node: yaml.Node, path: tuple[Any, ...] = (), out: dict | None = None) -> dict[tuple[Any, ...], int]:
-    """1-based line of every key path in a composed YAML tree."""
-    out = {} if out is None else out
-    out.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            key = key_node.value
-            out[path + (key,)] = key_node.start_mark.line + 1
-            _line_map(value_node, path + (key,), out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _line_map(item, path + (i,), out)
-    return out
-
-
-class _Checker:
-    """Collects every problem with its line, so `policy check` can print them all at once."""
-
-    def __init__(self, source: str, lines: Mapping[tuple[Any, ...], int]) -> None:
-        self.source = source
-        self.lines = lines
-        self.errors: list[str] = []
-
-    def error(self, path: tuple[Any, ...], message: str) -> None:
-        probe = path
-        while probe and probe not in self.lines:
-            probe = probe[:-1]
-        line = self.lines.get(probe, 1)
-        key = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in path).replace(".[", "[")
-        self.errors.append(f"{self.source}:{line}: {key or '(top)'}: {message}")
-
-    def keys(self, data: Mapping[Any, Any], allowed: Sequence[str], path: tuple[Any, ...]) -> None:
-        for key in data:
-            if key is True and "when" in allowed:
-                self.error(path + ("on",), "YAML reads `on:` as true; name the kinds under `when:`")
-            elif key not in allowed:
-                self.error(path + (key,), f"unknown key {key!r} (expected one of: {', '.join(allowed)})")
-
-    def number(self, data: Mapping[str, Any], key: str, path: tuple[Any, ...], *, integer: bool = False,
-               minimum: float | None = None, default: Any = None) -> Any:
-        if key not in data:
-            return default
-        value = data[key]
-        ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-        if isinstance(value, bool) or not ok:
-            self.error(path + (key,), f"must be {'an integer' if integer else 'a number'}, not {value!r}")
-            return default
-        if minimum is not None and value < minimum:
-            self.error(path + (key,), f"must be at least {minimum}, not {value!r}")
-            return default
-        return value
-
-    def duration(self, data: Mapping[str, Any], key: str, path: tuple[Any, ...], default: float | None) -> float | None:
-        if key not in data:
-            return default
-        try:
-            return parse_duration(data[key])
-        except (ValueError, TypeError) as exc:
-            self.error(path + (key,), str(exc))
-            return default
-
-
-def parse_policy(text: str, source: str) -> Policy:
-    """Validate policy text; raise PolicyError listing every problem with file:line: key."""
-    try:
-        node, data = compose_and_load(text)
-    except yaml.YAMLError as exc:
-        line, problem = describe_yaml_error(exc)
-        raise PolicyError([f"{source}:{line}: malformed YAML: {problem}"]) from exc
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise PolicyError([f"{source}:1: a policy must be a YAML mapping, not {type(data).__name__}"])
-    c = _Checker(source, _line_map(node) if node is not None else {})
-    c.keys(data, TOP_KEYS, ())
-
-    version = data.get("version", 1)
-    if version != 1:
-        c.error(("version",), f"unsupported policy version {version!r} (this ftrain reads version 1)")
-    max_restarts = c.number(data, "max_restarts", (), integer=True, minimum=0, default=8)
-    no_progress = c.number(data, "no_progress", (), integer=True, minimum=1, default=3)
-    grace = c.duration(data, "grace", (), 30.0)
-    warm_start = data.get("warm_start", True)
-    if not isinstance(warm_start, bool):
-        c.error(("warm_start",), f"must be true or false, not {warm_start!r}")
-    backoff = _parse_backoff(c, data.get("backoff"))
-    detect = _parse_detect(c, data.get("detect", {}))
-    rules = _parse_rules(c, data.get("rules", []))
-    retention = _parse_retention(c, data.get("checkpoints", {}))
-    script = data.get("script") or {}
-    if not isinstance(script, dict):
-        c.error(("script",), "must be a mapping")
-        script = {}
-    if c.errors:
-        raise PolicyError(c.errors)
-    return Policy(source=source, rules=tuple(rules), max_restarts=max_restarts, backoff=backoff,
-                  no_progress=no_progress, grace=grace if grace is not None else 30.0, detect=detect,
-                  checkpoints=retention, script=script, warm_start=warm_start)
-
-
-def _parse_backoff(c: _Checker, raw: Any) -> Backoff:
-    path = ("backoff",)
-    if raw is None:
-        return Backoff()
-    if not isinstance(raw, dict):
-        constant = c.duration({"backoff": raw}, "backoff", (), 2.0)
-        return Backoff(initial=constant or 0.0, factor=1.0, max=constant or 0.0)
-    c.keys(raw, BACKOFF_KEYS, path)
-    initial = c.duration(raw, "initial", path, 2.0) or 0.0
-    factor = c.number(raw, "factor", path, minimum=1.0, default=2.0)
-    cap = c.duration(raw, "max", path, 120.0)
-    return Backoff(initial=initial, factor=factor, max=cap if cap is not None else 120.0)
-
-
-def _metric_list(c: _Checker, raw: Any, path: tuple[Any, ...]) -> tuple[str, ...]:
-    if isinstance(raw, str):
-        return (raw,)
-    if isinstance(raw, list) and all(isinstance(m, str) for m in raw):
-        return tuple(raw)
-    c.error(path, "must be a metric name or a list of metric names")
-    return ()
-
-
-def _parse_detect(c: _Checker, raw: Any) -> DetectSpec:
-    path = ("detect",)
-    default = DetectSpec.default()
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        c.error(path, "must be a mapping")
-        return default
-    c.keys(raw, DETECT_KEYS, path)
-
-    nonfinite = default.nonfinite
-    if "nonfinite" in raw:
-        nf = raw["nonfinite"]
-        nonfinite = None if nf in (False, None, []) else NonfiniteSpec(_metric_list(c, nf, path + ("nonfinite",)))
-
-    thresholds = default.thresholds
-    if "threshold" in raw:
-        thresholds = ()
-        th = raw["threshold"] or {}
-        if not isinstance(th, dict):
-            c.error(path + ("threshold",), "must map metric names to {min, max}")
-            th = {}
-        for metric, bounds in th.items():
-            p = path + ("threshold", metric)
-            if not isinstance(bounds, dict):
-                c.error(p, "must be a mapping with min and/or max")
-                continue
-            c.keys(bounds, ("min", "max"), p)
-            lo = c.number(bounds, "min", p)
-            hi = c.number(bounds, "max", p)
-            if lo is None and hi is None:
-                c.error(p, "needs min or max")
-                continue
-            spec = _build(c, p, ThresholdSpec, str(metric), lo, hi)
-            thresholds += (spec,) if spec else ()
-
-    spikes = default.spikes
-    if "spike" in raw:
-        spikes = ()
-        sp = raw["spike"] or {}
-        if not isinstance(sp, dict):
-            c.error(path + ("spike",), "must map metric names to {window, zscore, warmup, patience}")
-            sp = {}
-        for metric, opts in sp.items():
-            p = path + ("spike", metric)
-            opts = opts or {}
-            if not isinstance(opts, dict):
-                c.error(p, "must be a mapping")
-                continue
-            c.keys(opts, SPIKE_KEYS, p)
-            spike = _build(
-                c, p, SpikeSpec, str(metric),
-                window=c.number(opts, "window", p, integer=True, minimum=5, default=200),
-                zscore=c.number(opts, "zscore", p, minimum=0.0, default=6.0),
-                warmup=c.number(opts, "warmup", p, integer=True, minimum=0, default=50),
-                patience=c.number(opts, "patience", p, integer=True, minimum=1, default=1),
-            )
-            spikes += (spike,) if spike else ()
-
-    hang = default.hang
-    if "hang" in raw:
-        hg = raw["hang"]
-        if hg in (False, None):
-            hang = None
-        elif not isinstance(hg, dict):
-            c.error(path + ("hang",), "must be a mapping (timeout, startup, floor, factor) or false")
-        else:
-            p = path + ("hang",)
-            c.keys(hg, HANG_KEYS, p)
-            base = default.hang or HangSpec()
-            timeout = hg.get("timeout", "auto")
-            timeout_s = None if timeout == "auto" else c.duration(hg, "timeout", p, None)
-            hang = _build(
-                c, p, HangSpec,
-                timeout=timeout_s,
-                startup=c.duration(hg, "startup", p, base.startup) or base.startup,
-                floor=c.duration(hg, "floor", p, base.floor) or base.floor,
-                factor=c.number(hg, "factor", p, minimum=1.0, default=base.factor),
-            )
-    return DetectSpec(nonfinite=nonfinite, thresholds=thresholds, spikes=spikes, hang=hang)
-
-
-def _build(c: _Checker, path: tuple[Any, ...], cls: Any, *args: Any, **kwargs: Any) -> Any:
-    """Construct a detector spec; its own checks become errors on ``path``."""
-    try:
-        return cls(*args, **kwargs)
-    except (ValueError, TypeError) as exc:
-        c.error(path, str(exc))
-        return None
-
-
-def _parse_rules(c: _Checker, raw: Any) -> list[Rule]:
-    if not isinstance(raw, list):
-        c.error(("rules",), "must be a list of rules")
-        return []
-    rules: list[Rule] = []
-    for i, item in enumerate(raw):
-        path = ("rules", i)
-        if not isinstance(item, dict):
-            c.error(path, "a rule must be a mapping with `when` and `action`")
-            continue
-        c.keys(item, RULE_KEYS, path)
-        kinds = _parse_kinds(c, item.get("when"), path + ("when",))
-        action_raw = item.get("action")
-        try:
-            action = Action(action_raw)
-        except ValueError:
-            c.error(path + ("action",), f"unknown action {action_raw!r} (expected one of: "
-                                        f"{', '.join(a.value for a in Action)})")
-            continue
-        if action is Action.IGNORE:
-            crash = sorted(k.value for k in kinds - ANOMALY_KINDS)
-            if crash:
-                c.error(path + ("action",), f"ignore applies to anomalies only, not {', '.join(crash)}")
-        sets: dict[str, OverrideSpec] = {}
-        raw_set = item.get("set") or {}
-        if not isinstance(raw_set, dict):
-            c.error(path + ("set",), "must map dotted config keys to values or {scale, add, value, min, max}")
-            raw_set = {}
-        for key, spec in raw_set.items():
-            try:
-                sets[str(key)] = OverrideSpec.parse(str(key), spec)
-            except ValueError as exc:
-                c.error(path + ("set", key), str(exc))
-        if sets and action in (Action.STOP, Action.IGNORE):
-            c.error(path + ("set",), f"`set` has no effect with action {action.value}")
-        for key in ("margin", "skip_steps"):
-            if key in item and action is not Action.ROLLBACK:
-                c.error(path + (key,), f"`{key}` applies to action rollback only")
-        rules.append(Rule(
-            index=i + 1, kinds=frozenset(kinds), action=action, set=sets,
-            max=c.number(item, "max", path, integer=True, minimum=0),
-            margin=c.number(item, "margin", path, integer=True, minimum=0, default=0),
-            skip_steps=c.number(item, "skip_steps", path, integer=True, minimum=0, default=0),
-        ))
-    return rules
-
-
-def _parse_kinds(c: _Checker, raw: Any, path: tuple[Any, ...]) -> set[FailureKind]:
-    if raw is None:
-        c.error(path, "missing: name the failure kinds this rule handles")
-        return set()
-    names = [raw] if isinstance(raw, str) else raw if isinstance(raw, list) else None
-    if names is None:
-        c.error(path, "must be a failure kind or a list of kinds")
-        return set()
-    kinds: set[FailureKind] = set()
-    valid = sorted(k.value for k in RULE_KINDS)
-    for name in names:
-        try:
-            kind = FailureKind(name)
-        except ValueError:
-            hint = _closest(str(name), valid)
-            c.error(path, f"unknown failure kind {name!r}" + (f" (did you mean {hint!r}?)" if hint else
-                                                               f" (kinds: {', '.join(valid)})"))
-            continue
-        if kind not in RULE_KINDS:
-            c.error(path, f"{name!r} is a verdict, not a kind a rule can handle; use top-level `no_progress:`")
-            continue
-        kinds.add(kind)
-    return kinds
-
-
-def _closest(name: str, options: Iterable[str]) -> str | None:
-    import difflib
-
-    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
-    return match[0] if match else None
-
-
-def _parse_retention(c: _Checker, raw: Any) -> CheckpointRetention:
-    path = ("checkpoints",)
-    if not raw:
-        return CheckpointRetention()
-    if not isinstance(raw, dict):
-        c.error(path, "must be a mapping (keep_last, keep_every, keep_best)")
-        return CheckpointRetention()
-    c.keys(raw, CHECKPOINT_KEYS, path)
-    best = raw.get("keep_best") or {}
-    metric, mode = None, "min"
-    if best:
-        if not isinstance(best, dict) or not isinstance(best.get("metric"), str):
-            c.error(path + ("keep_best",), "must be {metric: NAME, mode: min|max}")
-        else:
-            c.keys(best, ("metric", "mode"), path + ("keep_best",))
-            metric, mode = best["metric"], best.get("mode", "min")
-            if mode not in ("min", "max"):
-                c.error(path + ("keep_best", "mode"), f"must be min or max, not {mode!r}")
-    return CheckpointRetention(
-        keep_last=c.number(raw, "keep_last", path, integer=True, minimum=1),
-        keep_every=c.number(raw, "keep_every", path, integer=True, minimum=1),
-        keep_best_metric=metric, keep_best_mode=mode,
-    )

@@ -296,7 +296,7 @@ def _pinned_best(path: Path, found: Sequence[checkpoints.Checkpoint]) -> checkpo
     except (OSError, ValueError, AttributeError):
         return None
     from ftrain.errors import FtrainError
-    from ftrain.policy import load_policy
+    from ftrain.policyfile import load_policy
 
     try:
         policy = load_policy(None if not source or str(source).startswith("<") else Path(source))

@@ -1,27 +1,37 @@
-"""Starting and resuming runs: turn command-line values into a checked Supervisor.
+"""Starting and resuming runs: command-line values in, a checked and wired Supervisor out.
 
 Everything that can be refused is refused here, before anything is launched: the policy,
-the config and its overrides, the fault spec, the script, the run folder.
+the config and its overrides, the fault spec, the script, the run folder. And everything
+that varies between jobs is chosen here, once: the ``Script`` (the shim, or the policy's
+``script:`` adapter), the ``Topology`` (one process, torchrun's ranks, several nodes), the
+``Launcher`` (warm or cold) and the listeners (TensorBoard).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from ftrain import overrides
 from ftrain.errors import ConfigError, PolicyError, RunDirError, UsageError
+from ftrain.files import read_bounded, write_atomic
 from ftrain.inject import Fault, parse_inject
 from ftrain.journal import JOURNAL_VERSION, Event, read_journal
-from ftrain.policy import load_policy
+from ftrain.launch import LaunchSpec, build_command, make_launcher
+from ftrain.policy import Policy
+from ftrain.policyfile import DEFAULT_SOURCE, load_policy, load_policy_copy
 from ftrain.process import become_subreaper
+from ftrain.script import SHIM, Script
 from ftrain.state import RunState, remove_fault
-from ftrain.supervisor import LaunchSpec, Supervisor, build_command, check_fresh_run_dir, new_run_dir
+from ftrain.supervisor import Supervisor, check_fresh_run_dir, new_run_dir
+from ftrain.topology import Single, Topology
 from ftrain.view import make_reporter
 
 RUNS_DIR = Path("runs")
+POLICY_COPY = "policy.yaml"
 # torchrun's and Slurm's variables that make a plain `ftrain run` a distributed one
 _DIST_ENV = {"PET_NPROC_PER_NODE", "PET_NNODES", "SLURM_STEP_NUM_NODES"}
 
@@ -66,64 +76,56 @@ def start_run(*, script: str, script_args: tuple[str, ...], policy_path: Path | 
     faults = _parse_inject(inject)
     spec = None
     if nproc_per_node != 1 or nnodes != 1 or rdzv_endpoint or _DIST_ENV & os.environ.keys():
-        from ftrain.distributed import DistSpec  # only then: it costs start-up time
+        from ftrain.torchrun import DistSpec  # only then: it costs start-up time
 
         spec = DistSpec.from_cli(nproc_per_node, nnodes, node_rank, rdzv_endpoint)
     if spec is not None and spec.multi_node and run_dir is None:
         raise UsageError(f"--nnodes {spec.nnodes}: give every node the same --run-dir on a shared file system")
     command = build_command(script, script_args)
     run_dir = run_dir if run_dir is not None else new_run_dir(RUNS_DIR, script)
-    job_dir = run_dir
+    job_dir = run_dir.absolute()
+    run_dir = job_dir
     if spec is not None:   # node K > 0 of several keeps its own records inside the job's folder
-        from ftrain.distributed import node_dir
+        from ftrain.topology import node_dir
 
         run_dir = node_dir(spec, job_dir)
     check_fresh_run_dir(run_dir)
-    adapter = make_adapter(policy, config, cwd=Path.cwd(), run_dir=run_dir)
+    script_side = make_script(policy, config, cwd=Path.cwd(), run_dir=run_dir, started=time.time())
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(run_dir / POLICY_COPY, policy.text, durable=True)
     except OSError as exc:
         raise RunDirError(f"{run_dir}: cannot create run folder: {exc.strerror}") from exc
     launch = LaunchSpec(command=command, cwd=Path.cwd(), base_config=config, script=script,
-                        script_args=script_args, config_path=str(config_path) if config_path else None,
+                        script_args=script_args, config_path=str(config_path.resolve()) if config_path else None,
                         sets=dict(overrides.parse_set(s) for s in sets),
                         tensorboard=str(tensorboard.resolve()) if tensorboard else None)
     listeners = make_listeners(tensorboard)
     become_subreaper()
-    dist = None
-    if spec is not None:
-        from ftrain.distributed import make_distributed
-
-        dist = make_distributed(spec, run_dir, job_dir)
-    supervisor = Supervisor(run_dir, policy, launch, make_reporter(no_ui), inject=faults, adapter=adapter,
-                            listeners=listeners, dist=dist)
-    return _supervise(supervisor)
+    supervisor = Supervisor(run_dir, policy, launch, make_reporter(no_ui), inject=faults, script=script_side,
+                            topology=make_topology(spec, run_dir, job_dir), listeners=listeners,
+                            launcher=make_launcher(policy.warm_start, launch.cwd, command[0]))
+    return supervisor.run()
 
 
-def _supervise(supervisor: Supervisor, *, resuming: bool = False) -> int:
-    """Run the supervisor; with several nodes, on the job's shared metrics and checkpoints
-    and with this node's heartbeat in ``coord/`` for as long as it runs."""
-    dist = supervisor.dist
-    if dist is None:
-        return supervisor.run(resuming=resuming)
-    if dist.job_dir != supervisor.run_dir:
-        supervisor.metrics_path = dist.job_dir / "metrics.jsonl"
-        supervisor.checkpoint_dir = dist.job_dir / "checkpoints"
-    dist.start()
-    try:
-        return supervisor.run(resuming=resuming)
-    finally:
-        dist.close()
-
-
-def make_adapter(policy: Any, config: dict[str, Any] | None, *, cwd: Path | None = None,
-                 run_dir: Path | None = None) -> Any:
-    """The driver for a script without the shim, from the policy's ``script:`` section."""
+def make_script(policy: Policy, config: dict[str, Any] | None, *, cwd: Path | None = None,
+                run_dir: Path | None = None, started: float | None = None) -> Script:
+    """How ftrain reaches the script: the shim, or the policy's ``script:`` adapter."""
     if not policy.script:
-        return None
+        return SHIM
     from ftrain.adapter import ScriptAdapter
 
-    return ScriptAdapter.from_policy(policy.script, source=policy.source, config=config, cwd=cwd, run_dir=run_dir)
+    return ScriptAdapter.from_policy(policy.script, source=policy.source, config=config, cwd=cwd, run_dir=run_dir,
+                                     started=started)
+
+
+def make_topology(spec: Any, run_dir: Path, job_dir: Path) -> Topology:
+    """One process, or torchrun's ranks on one or several machines (``ftrain.topology``)."""
+    if spec is None:
+        return Single(run_dir)
+    from ftrain.topology import make_topology as make
+
+    return make(spec, run_dir, job_dir)
 
 
 def make_listeners(tensorboard: Path | None) -> list[Any]:
@@ -146,51 +148,73 @@ def read_run_json(run_dir: Path) -> dict[str, Any]:
     if not run_dir.is_dir():
         raise RunDirError(f"{run_dir}: no such folder")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_bounded(path, 16 << 20, inside=run_dir))
     except FileNotFoundError:
         raise RunDirError(f"{run_dir}: not a run folder (no run.json)") from None
     except (OSError, ValueError) as exc:
         raise RunDirError(f"{path}: unreadable: {exc}") from exc
-    if not isinstance(data, dict) or "command" not in data:
+    if not isinstance(data, dict) or not isinstance(data.get("command"), list) or not data["command"] \
+            or not all(isinstance(a, str) for a in data["command"]):
         raise RunDirError(f"{path}: not an ftrain run.json")
     return data
 
 
 def fired_injections(metrics_path: Path) -> list[tuple[str, int | None]]:
     """Faults the shim reported firing, from the metrics stream (covers an attempt whose
-    supervisor died before journaling its end)."""
+    supervisor died before journaling its end). Read in chunks: the stream may be large."""
     fired: list[tuple[str, int | None]] = []
     try:
-        data = metrics_path.read_bytes()
+        f = open(metrics_path, "rb")
     except OSError:
         return fired
-    for raw in data.split(b"\n"):
-        if b'"inject"' not in raw:
-            continue
-        try:
-            record = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("ftrain") == "inject":
-            fired.append((str(record.get("fault")), record.get("at")))
+    with f:
+        carry = b""
+        while chunk := f.read(1 << 20):
+            lines = (carry + chunk).split(b"\n")
+            carry = lines.pop()
+            for raw in lines:
+                if b'"inject"' not in raw:
+                    continue
+                try:
+                    record = json.loads(raw)
+                except (ValueError, RecursionError):
+                    continue
+                if isinstance(record, dict) and record.get("ftrain") == "inject":
+                    at = record.get("at")
+                    fired.append((str(record.get("fault")), at if type(at) is int else None))
     return fired
+
+
+def _resume_policy(run_dir: Path, info: dict[str, Any]) -> Policy:
+    """The run's own policy: its copy in the run folder, read as the file it came from."""
+    source = info.get("policy")
+    source = source if isinstance(source, str) and source else DEFAULT_SOURCE
+    copy = run_dir / POLICY_COPY
+    if copy.is_file():
+        return load_policy_copy(copy, source)
+    return load_policy(None if source.startswith("<") else Path(source))   # a run of an older ftrain
 
 
 def resume_run(run_dir: Path | None, *, max_restarts: int | None, no_ui: bool) -> int:
     """Continue a run from its journal. Returns the exit status."""
-    run_dir = run_dir if run_dir is not None else newest_run()
+    run_dir = (run_dir if run_dir is not None else newest_run()).absolute()
     info = read_run_json(run_dir)
-    events = read_journal(run_dir / "journal.jsonl")
+    journal = run_dir / "journal.jsonl"
+    events = read_journal(journal)
     start = next((e for e in events if e.get("event") == Event.RUN_START.value), None)
     if start is None:
         raise RunDirError(f"{run_dir}: the journal has no run_start")
-    if int(start.get("journal_version", 1)) > JOURNAL_VERSION:
-        raise RunDirError(f"{run_dir}: written by a newer ftrain (journal version "
-                          f"{start.get('journal_version')}); upgrade ftrain to resume it")
-    source = info.get("policy")
-    policy = load_policy(None if not source or source.startswith("<") else Path(source))
+    version = start.get("journal_version", 1)
+    if type(version) is not int or version > JOURNAL_VERSION:
+        raise RunDirError(f"{run_dir}: written by a newer ftrain (journal version {version!r}); "
+                          "upgrade ftrain to resume it")
+    policy = _resume_policy(run_dir, info)
     faults = _parse_inject(info.get("inject"))
-    state = RunState.replay(events, info.get("base_config") or {}, faults)
+    base = info.get("base_config") or {}
+    try:
+        state = RunState.replay(events, base, faults)
+    except (ValueError, TypeError, ConfigError) as exc:   # ConfigError: an override no longer applies
+        raise RunDirError(f"{journal}: cannot replay: {exc}") from exc
     for kind, at in fired_injections(run_dir / "metrics.jsonl"):
         state.inject = remove_fault(state.inject, kind, at)
 
@@ -207,25 +231,31 @@ def resume_run(run_dir: Path | None, *, max_restarts: int | None, no_ui: bool) -
         state.rule_uses.clear()
         state.no_progress_streak = 0
 
-    launch = LaunchSpec(command=tuple(info["command"]), cwd=Path(info.get("cwd") or "."),
-                        base_config=info.get("base_config") or {}, script=info.get("script", ""),
+    cwd = Path(info.get("cwd") or ".")
+    launch = LaunchSpec(command=tuple(info["command"]), cwd=cwd, base_config=base, script=info.get("script", ""),
                         script_args=tuple(info.get("args") or ()), config_path=info.get("config_path"),
                         sets=info.get("sets") or {})
-    adapter = make_adapter(policy, state.config, cwd=launch.cwd, run_dir=run_dir)
-    if adapter is not None:
-        adapter.replay(events)
+    created = info.get("created")
+    script_side = make_script(policy, state.config, cwd=cwd, run_dir=run_dir,
+                              started=float(created) if type(created) in (int, float) else None)
     tb = info.get("tensorboard")
     become_subreaper()
-    dist = None
+    spec, job_dir = None, run_dir
     if info.get("distributed"):
-        from ftrain.distributed import DistSpec, job_dir_of, make_distributed
+        from ftrain.topology import job_dir_of
+        from ftrain.torchrun import DistSpec
 
-        spec = DistSpec.from_json(info["distributed"])
-        dist = make_distributed(spec, run_dir, job_dir_of(spec, run_dir))
+        try:
+            spec = DistSpec.from_json(info["distributed"])
+        except (ValueError, TypeError) as exc:
+            raise RunDirError(f"{run_dir / 'run.json'}: distributed: {exc}") from exc
+        job_dir = job_dir_of(spec, run_dir)
     supervisor = Supervisor(run_dir, policy, launch, make_reporter(no_ui), state=state, max_restarts=budget,
-                            adapter=adapter, listeners=make_listeners(Path(tb) if tb else None), dist=dist)
-    supervisor.open_attempt = _open_attempt(events)
-    return _supervise(supervisor, resuming=True)
+                            script=script_side, topology=make_topology(spec, run_dir, job_dir),
+                            listeners=make_listeners(Path(tb) if tb else None),
+                            launcher=make_launcher(policy.warm_start, cwd, launch.command[0]),
+                            open_attempt=_open_attempt(events))
+    return supervisor.run(resuming=True)
 
 
 def _open_attempt(events: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
@@ -237,4 +267,3 @@ def _open_attempt(events: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
         elif ev.get("event") == Event.ATTEMPT_END.value:
             open_ = None
     return open_
-

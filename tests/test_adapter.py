@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-import ftrain.supervisor
+from ftrain.state import RunState
 from ftrain.adapter import MissingCheckpoint, ScriptAdapter, render_value
 from ftrain.checkpoints import CheckpointStatus
 from ftrain.errors import PolicyError
 from ftrain.kinds import Failure, FailureKind
-from ftrain.policy import Action, Decision, History, load_policy, parse_policy
+from ftrain.policy import Action, Decision, History
+from ftrain.policyfile import load_policy, parse_policy
 
 from conftest import CHILDREN, ROOT, events, of, run_ftrain
 
@@ -162,13 +163,16 @@ def test_environment_variables_per_key_and_by_name(tmp_path):
     assert by_name.env(config, tmp_path) == {"LEARNING_RATE": "0.5", "MODE": "fast"}
 
 
-def test_config_file_goes_to_the_folder_the_run_records(tmp_path):
-    """On ``ftrain resume`` from another folder, the file still lands where the run started."""
+def test_config_file_goes_to_the_folder_the_run_records(tmp_path, monkeypatch):
+    """On ``ftrain resume`` from another folder, the file still lands where the run started
+    (runs.resume_run builds the adapter with run.json's cwd)."""
     run = tmp_path / "run"
-    run.mkdir()
+    (run / "attempts").mkdir(parents=True)
     (run / "run.json").write_text(json.dumps({"cwd": str(tmp_path / "work"), "created": 0}))
-    adapter({"config_file": "c.yaml"}).env({"a": 1}, run / "attempts" / "0003")
+    monkeypatch.chdir(tmp_path)
+    adapter({"config_file": "c.yaml"}, cwd=tmp_path / "work").env({"a": 1}, run / "attempts" / "0003")
     assert yaml.safe_load((tmp_path / "work" / "c.yaml").read_text()) == {"a": 1}
+    assert not (tmp_path / "c.yaml").exists()
 
 
 @pytest.mark.parametrize("name, load", [("cfg/run.yaml", yaml.safe_load), ("run.json", json.loads)])
@@ -237,7 +241,7 @@ def test_checkpoints_by_name_or_by_the_step_logged_before_them(tmp_path):
     _touch(tmp_path / "out" / "last.ckpt", now - 500)             # older than the run: a leftover
     _touch(tmp_path / "out" / "old_step900.pt", now - 500)        # ditto, even with a step
     _touch(tmp_path / "out" / "notes.txt", now - 10)              # not matched by the patterns
-    a = adapter({"checkpoints": ["out/*.pt", "out/checkpoint-*", "out/*.ckpt"]}, run_dir=run)
+    a = adapter({"checkpoints": ["out/*.pt", "out/checkpoint-*", "out/*.ckpt"]}, run_dir=run, started=now - 100)
     found = a.checkpoints(tmp_path)
     assert [(c.path.name, c.step) for c in found] == [("model_step20.pt", 20), ("ckpt.pt", 25),
                                                        ("checkpoint-40", 40)]
@@ -279,21 +283,27 @@ rules: [{when: nonfinite, action: rollback, margin: 10}]
         def __init__(self, step: int) -> None:
             self.step, self.path = step, Path(f"out/ckpt_{step}")
 
-    decision = policy.decide(Failure(FailureKind.NONFINITE, step=35), History(), [Ref(10), Ref(20), Ref(30)])
+    decision = policy.decide(Failure(FailureKind.NONFINITE, step=35), History(), [Ref(10), Ref(20), Ref(30)],
+                             a.checkpoint_source())
     assert decision.action is Action.ROLLBACK and decision.resume_step == 20
-    assert a.vet_decision(decision, [Ref(20)]) is decision
+    assert decision.reason.endswith("; 1 newer checkpoint(s) of the script set aside until it writes them again")
 
 
-def test_vet_decision_on_a_missing_checkpoint():
-    restart = Decision(Action.RESTART, reason="segfault: rule 1: restart from scratch", rule=1)
-    stop = adapter({"checkpoints": "out/*.pt", "on_missing_checkpoint": "stop"}).vet_decision(restart, [])
+def test_a_missing_script_checkpoint_is_an_input_of_the_decision():
+    """on_missing_checkpoint is the policy's to apply (policy.decide), from values only."""
+    policy = parse_policy("""version: 1
+rules: [{when: segfault, action: restart}, {when: exception, action: stop}]
+""", "p.yaml")
+    segv, exc = Failure(FailureKind.SEGFAULT, step=3), Failure(FailureKind.EXCEPTION, step=3)
+    strict = adapter({"checkpoints": "out/*.pt", "on_missing_checkpoint": "stop"}).checkpoint_source()
+    stop = policy.decide(segv, History(), [], strict)
     assert stop.action is Action.STOP and not stop.gave_up and stop.rule == 1
     assert "no checkpoint of this run matches out/*.pt (on_missing_checkpoint: stop)" in stop.reason
-    fresh = adapter({"checkpoints": "out/*.pt"}).vet_decision(restart, [])
+    fresh = policy.decide(segv, History(), [], adapter({"checkpoints": "out/*.pt"}).checkpoint_source())
     assert fresh.action is Action.RESTART and fresh.reason.endswith("matches out/*.pt: starting fresh")
-    halt = Decision(Action.STOP, reason="exception: stop")
-    assert adapter({"checkpoints": "out/*.pt", "on_missing_checkpoint": "stop"}).vet_decision(halt, []) is halt
-    assert adapter({"args": "--{key}={value}"}).vet_decision(restart, []) is restart
+    assert policy.decide(exc, History(), [], strict).reason == "exception: rule 2 (stop) says stop"
+    plain = policy.decide(segv, History(), [], adapter({"args": "--{key}={value}"}).checkpoint_source())
+    assert plain == policy.decide(segv, History(), [])
 
 
 def test_a_rollback_sets_newer_script_checkpoints_aside_until_rewritten(tmp_path):
@@ -301,28 +311,27 @@ def test_a_rollback_sets_newer_script_checkpoints_aside_until_rewritten(tmp_path
     for step in (10, 20, 30):
         _touch(tmp_path / "out" / f"step_{step}.pt", now - 5)
     a = adapter({"checkpoints": "out/*.pt"})
-    found = a.checkpoints(tmp_path)
+    state = RunState()
+    assert sorted(c.step for c in a.checkpoints(tmp_path, state.set_aside)) == [10, 20, 30]
     rollback = Decision(Action.ROLLBACK, reason="nonfinite: roll back to step 10", resume_from="out/step_10.pt",
                         resume_step=10)
-    vetted = a.vet_decision(rollback, found)
-    assert vetted.action is Action.ROLLBACK and vetted.resume_from == "out/step_10.pt"
-    assert vetted.reason.endswith("; 2 newer checkpoint(s) of the script set aside until it writes them again")
-    assert [c.step for c in a.checkpoints(tmp_path)] == [10]
+    state.apply(rollback, 35, t=time.time())
+    assert [c.step for c in a.checkpoints(tmp_path, state.set_aside)] == [10]
     _touch(tmp_path / "out" / "step_20.pt", time.time() + 1)   # the script passed step 20 again
-    assert [c.step for c in a.checkpoints(tmp_path)] == [10, 20]
+    assert [c.step for c in a.checkpoints(tmp_path, state.set_aside)] == [10, 20]
 
 
 def test_what_a_rollback_set_aside_stays_aside_after_a_resume(tmp_path):
-    """`ftrain resume` rebuilds the set-aside from the journal's rollback decisions."""
+    """`ftrain resume` rebuilds the set-aside from the journal's rollback decisions (RunState.replay)."""
     now = time.time()
     for step in (10, 20, 30):
         _touch(tmp_path / "out" / f"step_{step}.pt", now - 5)
-    journal = [{"event": "decision", "t": now - 4, "action": "rollback", "resume_step": 10},
-               {"event": "decision", "t": now - 3, "action": "restart", "resume_step": 30}]
+    journal = [{"event": "decision", "t": now - 4, "action": "rollback", "resume_step": 10, "reason": "r"},
+               {"event": "decision", "t": now - 3, "action": "restart", "resume_step": 30, "reason": "r"}]
     resumed = adapter({"checkpoints": "out/*.pt"})
     assert sorted(c.step for c in resumed.checkpoints(tmp_path)) == [10, 20, 30]
-    resumed.replay(journal)
-    assert [c.step for c in resumed.checkpoints(tmp_path)] == [10]
+    state = RunState.replay(journal, {}, ())
+    assert [c.step for c in resumed.checkpoints(tmp_path, state.set_aside)] == [10]
 
 
 # --------------------------------------------------------------------------- end to end
@@ -394,8 +403,6 @@ def test_nan_in_the_output_rolls_back_with_a_lower_lr(tmp_path):
     assert "lr 0.05" in (tmp_path / "run/attempts/0002/output.log").read_text()
 
 
-@pytest.mark.skipif(not hasattr(ftrain.supervisor.ScriptAdapter, "vet_decision"),
-                    reason="the supervisor does not call ScriptAdapter.vet_decision yet")
 def test_on_missing_checkpoint_stop_ends_the_run(tmp_path):
     code, evts = run_ext(tmp_path, "--crash-at", "3", extra="  on_missing_checkpoint: stop")
     assert code == 1

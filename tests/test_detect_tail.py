@@ -236,9 +236,9 @@ def test_change_notifier_wakes_on_a_write_and_one_drain_empties_it(tmp_path: Pat
 
 
 def test_attempt_watch_takes_a_read_at_a_time() -> None:
-    """supervisor.AttemptWatch.see, the supervisor's side of each read: steps, control lines,
+    """intake.AttemptWatch.see, the supervisor's side of each read: steps, control lines,
     and one rate sample per read (all its lines were read at the same moment)."""
-    from ftrain.supervisor import AttemptWatch
+    from ftrain.intake import AttemptWatch
 
     w = AttemptWatch()
     w.see([], 10.0)

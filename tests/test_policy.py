@@ -9,7 +9,8 @@ import pytest
 
 from ftrain.errors import PolicyError
 from ftrain.kinds import Failure, FailureKind as K
-from ftrain.policy import Action, History, default_policy_path, load_policy, parse_policy
+from ftrain.policy import Action, History
+from ftrain.policyfile import default_policy_path, load_policy, parse_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {"train": {"batch_size": 32, "grad_accum": 1}, "optim": {"lr": 0.004}}
