@@ -51,7 +51,8 @@ def main() -> None:
       ftrain policy check policy.yaml    # validate a policy before a long run
 
     Exit status: 0 finished, 1 failed and the policy stopped, 2 bad input (nothing
-    launched), 130 interrupted (SIGINT), 143 terminated (SIGTERM); the run stays resumable.
+    launched), 3 ftrain itself failed, 130 interrupted (SIGINT), 143 terminated (SIGTERM);
+    after 3, 130 and 143 the run stays resumable.
     """
 
 

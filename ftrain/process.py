@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping, Sequence
 if TYPE_CHECKING:  # psutil is imported where it is used: it costs start-up time before the first child
     import psutil
 
+from ftrain.kinds import signal_name
 
 TAIL_BYTES = 256 * 1024
 ANSWER_WAIT = 1.0   # seconds a possibly stuck child has to show it acts on a TERM (see ``stop``)
@@ -114,12 +115,7 @@ class Exit:
 
     @property
     def signal_name(self) -> str | None:
-        if self.returncode < 0:
-            try:
-                return signal.Signals(-self.returncode).name
-            except ValueError:
-                return f"SIG{-self.returncode}"
-        return None
+        return signal_name(self.returncode)
 
 
 class Child:

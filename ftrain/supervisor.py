@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from ftrain import __version__, checkpoints, overrides
-from ftrain.classify import judge, read_oom_kill_count
 from ftrain.detect import Anomaly, Detectors
 from ftrain.errors import FtrainError, RunDirError
 from ftrain.files import write_json_atomic
@@ -278,6 +277,8 @@ class Supervisor:
             self.state.attempt += 1
             n = self.state.attempt
             outcome, watch, exit_ = self._attempt(n)
+            from ftrain.classify import judge   # imported by then (see _attempt)
+
             judged = judge(outcome)
             if judged.failure is not None:
                 self._journal_failure(n, judged.failure)
@@ -392,6 +393,8 @@ class Supervisor:
                     resume_from=self.state.resume_from, resume_step=self.state.resume_step,
                     skip_steps=[f"{a}-{b}" for a, b in self.state.skip] or None,
                     inject=format_inject(self.state.inject) or None)
+        from ftrain.classify import read_oom_kill_count  # after the spawn: its patterns take a while to compile
+
         oom_before = read_oom_kill_count()
         where = f"from {Path(self.state.resume_from).name}" if self.state.resume_from else "fresh"
         self._say(f"attempt {n} started (pid {child.pid}, {where}{', warm' if launched.warm else ''})")
