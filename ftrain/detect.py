@@ -248,13 +248,14 @@ class _SpikeWatch:
     """
 
     __slots__ = ("spec", "window", "ready", "k", "log", "fifo", "sorted", "seen", "streak",
-                 "fast", "low", "ceiling")
+                 "fast", "low", "ceiling", "judged")
 
     def __init__(self, spec: SpikeSpec) -> None:
         self.spec = spec
         self.window = spec.window
         self.ready = max(spec.warmup, min(MIN_BASELINE, spec.window))
         self.k = max(1, spec.window // CEILING_SPAN)
+        self.judged = 0        # values judged in full (not under a ceiling): what the per-line cost hangs on
         self.reset()
 
     def reset(self) -> None:
@@ -285,6 +286,7 @@ class _SpikeWatch:
     def _judge(self, value: float, step: int | None, record: Mapping[str, Any]) -> Anomaly | None:
         """The rule itself: is ``value`` more than ``zscore`` robust deviations above the median?"""
         self.fast = 0
+        self.judged += 1
         if self.log and value <= 0.0:
             self._to_linear()
         if self.seen >= self.ready:
@@ -487,6 +489,12 @@ class Detectors:
         self._hang_fired = False
 
     # public --------------------------------------------------------------------------
+    @property
+    def spike_values_judged(self) -> int:
+        """How many values the spike rules judged in full, over every metric: the rest joined
+        their windows under a ceiling, at a fraction of the cost."""
+        return sum(sw.judged for w in self._watches for sw in w.spikes)
+
     def start_attempt(self, now: float | None = None, *, attempt: int | None = None) -> None:
         """Reset what belongs to one attempt; with ``attempt``, records of others are ignored."""
         self._attempt = attempt
