@@ -439,7 +439,7 @@ def _parse_env(c: _Checker, raw: Any, path: tuple[Any, ...],
         for key, value in leaves(config or {}):
             if len(c.errors) > before:
                 break   # one message for the template, not one per key
-            _check_env_name(c, path, template.render(_leaf_lookup(key, value, config))[0])
+            _check_env_name(c, path, template.render(_leaf_lookup(key, value, config or {}))[0])
         return template, {}
     if isinstance(raw, dict):
         fixed: dict[str, Template] = {}

@@ -103,7 +103,7 @@ class Talk(Protocol):
     def begin(self, attempt: int) -> None:
         """Attempt ``attempt`` starts now: only what it writes from now on counts."""
 
-    def read_new(self) -> list[Record]: ...
+    def read_new(self) -> Sequence[Record]: ...
 
     def end(self) -> None:
         """The attempt is over (its last records were read)."""
@@ -126,7 +126,7 @@ class ShimTalk:
         self.end()
         self._tailer = Tailer(self.path, start_at_end=True)
 
-    def read_new(self) -> list[Record]:
+    def read_new(self) -> Sequence[Record]:
         return self._tailer.read_new() if self._tailer is not None else []
 
     def end(self) -> None:
@@ -168,7 +168,7 @@ class OutputTalk:
         except OSError:   # the record of it is lost, not the reading of it
             pass
 
-    def read_new(self) -> list[Record]:
+    def read_new(self) -> Sequence[Record]:
         out, self._pending = self._pending, []
         return out
 

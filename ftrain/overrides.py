@@ -105,7 +105,7 @@ class OverrideSpec:
         elif self.scale is not None or self.add is not None:
             if isinstance(current, bool) or not isinstance(current, (int, float)):
                 raise ConfigError(f"{self.key}: cannot scale or add to {current!r} (not a number)")
-            new = current * self.scale if self.scale is not None else current + self.add
+            new = current * self.scale if self.scale is not None else current + (self.add or 0)
             if isinstance(current, int):
                 new = int(math.floor(new + 0.5))
         else:

@@ -260,17 +260,17 @@ def _parse_detect(c: _Checker, raw: Any) -> DetectSpec:
         elif not isinstance(hg, dict):
             c.error(path + ("hang",), "must be a mapping (timeout, startup, floor, factor) or false")
         else:
-            p = path + ("hang",)
-            c.keys(hg, HANG_KEYS, p)
+            hp = path + ("hang",)
+            c.keys(hg, HANG_KEYS, hp)
             base = default.hang or HangSpec()
             timeout = hg.get("timeout", "auto")
-            timeout_s = None if timeout == "auto" else c.duration(hg, "timeout", p, None)
+            timeout_s = None if timeout == "auto" else c.duration(hg, "timeout", hp, None)
             hang = _build(
-                c, p, HangSpec,
+                c, hp, HangSpec,
                 timeout=timeout_s,
-                startup=c.duration(hg, "startup", p, base.startup) or base.startup,
-                floor=c.duration(hg, "floor", p, base.floor) or base.floor,
-                factor=c.number(hg, "factor", p, minimum=1.0, default=base.factor),
+                startup=c.duration(hg, "startup", hp, base.startup) or base.startup,
+                floor=c.duration(hg, "floor", hp, base.floor) or base.floor,
+                factor=c.number(hg, "factor", hp, minimum=1.0, default=base.factor),
             )
     return DetectSpec(nonfinite=nonfinite, thresholds=thresholds, spikes=spikes, hang=hang)
 

@@ -36,7 +36,7 @@ _PR_SET_CHILD_SUBREAPER = 36
 
 try:
     _libc = ctypes.CDLL(None, use_errno=True)
-    _prctl = _libc.prctl
+    _prctl: Any = _libc.prctl
 except (OSError, AttributeError):  # not Linux
     _prctl = None
 

@@ -237,7 +237,7 @@ def resume_run(run_dir: Path | None, *, max_restarts: int | None, no_ui: bool) -
                         sets=info.get("sets") or {})
     created = info.get("created")
     script_side = make_script(policy, state.config, cwd=cwd, run_dir=run_dir,
-                              started=float(created) if type(created) in (int, float) else None)
+                              started=float(created) if isinstance(created, (int, float)) else None)
     tb = info.get("tensorboard")
     become_subreaper()
     spec, job_dir = None, run_dir

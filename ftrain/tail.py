@@ -25,7 +25,7 @@ CHUNK = 1 << 20          # bytes per read; also the granularity of the memory bo
 MAX_LINE = 1 << 20       # a line longer than this without a newline is dropped
 DRAIN_BYTES = 1 << 16    # a notifier's read buffer: thousands of events
 
-_scan_json = json.JSONDecoder().scan_once  # the C scanner json.loads runs: (value, end) at an index
+_scan_json = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # the C scanner json.loads runs: (value, end) at an index
 
 
 @dataclass
