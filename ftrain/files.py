@@ -27,7 +27,7 @@ class TooLarge(OSError):
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
     """Make a rename in ``directory`` durable (best effort where the file system refuses)."""
     try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return
     try:
