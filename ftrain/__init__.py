@@ -1,22 +1,33 @@
 """ftrain keeps a training job alive; ``import ftrain`` is the shim a training script uses.
 
 The functions below are the whole script-side API (DESIGN §3). Importing them is cheap: no
-torch, no yaml until a function needs one. In a script under ``ftrain run``
-(``FTRAIN_RUN_DIR`` set) the import loads ``ftrain.shim``, which arms itself then (stack
-dumps on SIGUSR1, stop requests on SIGTERM, torchrun's error file). Elsewhere, ``ftrain run``
-itself included, the shim is loaded on first use.
+torch, no yaml, not even ``typing`` until a function needs one. In a script under
+``ftrain run`` (``FTRAIN_RUN_DIR`` set) the import loads ``ftrain.shim``, which arms itself
+then (stack dumps on SIGUSR1, stop requests on SIGTERM, torchrun's error file). Elsewhere,
+``ftrain run`` itself included, the shim is loaded on first use.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
 
-__all__ = ["config", "log", "save_checkpoint", "load_checkpoint", "should_stop", "should_skip", "is_supervised"]
+TYPE_CHECKING = False   # typing itself costs milliseconds at import; annotations are strings
+if TYPE_CHECKING:
+    from typing import Any
+
+__all__ = ["config", "is_supervised", "load_checkpoint", "log", "save_checkpoint", "should_skip", "should_stop"]
 __version__ = "0.1.0"
 
 if os.environ.get("FTRAIN_RUN_DIR"):
-    from ftrain.shim import config, is_supervised, load_checkpoint, log, save_checkpoint, should_skip, should_stop
+    from ftrain.shim import (
+        config,
+        is_supervised,
+        load_checkpoint,
+        log,
+        save_checkpoint,
+        should_skip,
+        should_stop,
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -9,7 +9,10 @@ Pure: no I/O, no dependencies.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+
+TYPE_CHECKING = False   # typing costs milliseconds at import, and the shim imports this module
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 KINDS: tuple[str, ...] = (
     "oom",     # torch.OutOfMemoryError with PyTorch's CUDA message

@@ -110,8 +110,8 @@ def finish(proc: subprocess.Popen[str], timeout: float = 20.0) -> int:
 
 # --------------------------------------------------------------------------- surface and import
 def test_public_surface() -> None:
-    assert ftrain.__all__ == ["config", "log", "save_checkpoint", "load_checkpoint", "should_stop",
-                              "should_skip", "is_supervised"]
+    assert ftrain.__all__ == ["config", "is_supervised", "load_checkpoint", "log", "save_checkpoint",
+                              "should_skip", "should_stop"]
     assert all(callable(getattr(ftrain, name)) for name in ftrain.__all__)
     assert ftrain.__version__ == "0.1.0"
 
@@ -124,6 +124,20 @@ def test_import_does_not_load_torch_or_yaml(run: Run, supervised: bool) -> None:
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {"torch": False, "yaml": False, "numpy": False, "hashlib": False}
+
+
+@pytest.mark.parametrize("inject", ["", "oom@5"])
+def test_a_supervised_import_loads_only_what_it_needs(run: Run, inject: str) -> None:
+    """Not even typing (milliseconds of its own), nor the checkpoint writer or the fault
+    firing: those wait for a save or a fault due."""
+    code = ("import sys, json; before = set(sys.modules); import ftrain; "
+            "print(json.dumps(sorted(set(sys.modules) - before)))")
+    out = subprocess.run([sys.executable, "-c", code], env=run.env(FTRAIN_INJECT=inject), capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    loaded = set(json.loads(out.stdout))
+    assert {"ftrain.shim", "ftrain.shim.metrics", "ftrain.shim.signals"} <= loaded
+    assert not loaded & {"typing", "ftrain.shim.writer", "ftrain.shim.faults", "ftrain.files", "ftrain.ckptfmt"}
 
 
 def test_a_supervised_import_arms_the_shim_before_any_call(run: Run) -> None:
@@ -374,7 +388,7 @@ def test_inject_hang_blocks_and_still_shows_its_stack(run: Run, tmp_path: Path) 
         time.sleep(0.3)
         assert proc.poll() is None and max(run.steps()) == 2
         proc.send_signal(signal.SIGUSR1)
-        wait_for(lambda: "_raise_fault" in err.read_text(), what="a stack dump")
+        wait_for(lambda: "in raise_fault" in err.read_text(), what="a stack dump")
         proc.send_signal(signal.SIGTERM)   # the script never cooperated: TERM ends it
         assert finish(proc) == -signal.SIGTERM
     finally:

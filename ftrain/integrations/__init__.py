@@ -14,9 +14,12 @@ package imports neither framework.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
-RESERVED = frozenset({"step", "t", "attempt", "rank", "ftrain"})
+from ftrain.protocol import RESERVED_METRICS
+
+RESERVED = RESERVED_METRICS | {"step"}   # a trainer's own "step" metric would clash with the line's
 
 
 def resume_from_env() -> str | None:

@@ -25,7 +25,12 @@ import ftrain
 from ftrain.integrations import resume_from_env, scalars
 
 try:
-    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+    from transformers import (
+        TrainerCallback,
+        TrainerControl,
+        TrainerState,
+        TrainingArguments,
+    )
 except ImportError as exc:  # pragma: no cover - exercised only without transformers
     raise ImportError("ftrain.integrations.hf needs Hugging Face transformers: pip install transformers") from exc
 

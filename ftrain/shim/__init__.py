@@ -1,0 +1,310 @@
+"""The shim a training script imports (``import ftrain``), DESIGN §3.
+
+It is the script's side of the supervisor: it reads the environment the supervisor set
+(DESIGN §2), appends metrics and control lines to ``FTRAIN_METRICS_PATH``, writes atomic
+checkpoints with a manifest, turns SIGTERM/SIGUSR2 into ``should_stop()``, and fires the
+faults of ``--inject``. Without the supervisor every function still works (``config``
+returns the defaults, ``log`` does nothing, checkpoints go to ``./checkpoints``).
+
+This module holds the public functions and what the shim knows of its process
+(``ProcessState``); the rest lives in rooms of its own, each given that state:
+
+    metrics   the metrics file, control lines, value coercion, heartbeats
+    signals   stop requests, stacks on SIGUSR1, torchrun's error file (armed at import
+              under the supervisor)
+    writer    the checkpoint writer: hashed, durable, in the background (loaded on a save)
+    faults    firing the faults of ``--inject`` (loaded when one is due)
+
+It stands apart from the supervisor: it imports only ``ftrain.protocol`` (the names of the
+control lines), and ``ftrain.files``, ``ftrain.inject`` and ``ftrain.ckptfmt`` when a
+function needs them, torch, yaml and hashlib likewise, so ``import ftrain`` stays cheap.
+Control lines share the metrics file with metric lines and always carry an ``"ftrain"``
+key (first) naming the event (``protocol.Control``). A reader must check that key before
+treating a line as a step's metrics.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import math
+import os
+import sys
+import threading
+import time
+
+from ftrain.protocol import RESERVED_METRICS, Control, parse_skip
+from ftrain.shim.metrics import (
+    PLAIN,
+    coerce,
+    control,
+    heartbeat,
+    one_line,
+    record_modules,
+    write,
+)
+
+TYPE_CHECKING = False   # typing itself costs milliseconds at import; annotations are strings
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
+
+    from ftrain.inject import Fault
+
+__all__ = [
+    "CheckpointError",
+    "config",
+    "is_supervised",
+    "load_checkpoint",
+    "log",
+    "save_checkpoint",
+    "should_skip",
+    "should_stop",
+]
+
+
+class CheckpointError(OSError):
+    """A checkpoint could not be written or read; ``errno`` is the cause's (ENOSPC, EIO …)."""
+
+
+class ProcessState:
+    """What the shim knows of its process: the environment it was started with, and what
+    the script has done so far (last step, metrics, a stop request, faults still due)."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.pid = os.getpid()
+        self.run_dir = env.get("FTRAIN_RUN_DIR") or None
+        self.metrics_path = env.get("FTRAIN_METRICS_PATH") or None
+        self.config_path = env.get("FTRAIN_CONFIG_PATH") or None
+        self.checkpoint_dir = env.get("FTRAIN_CHECKPOINT_DIR") or None
+        self.resume_from = env.get("FTRAIN_RESUME_FROM") or None
+        self.skip_spec = env.get("FTRAIN_SKIP_STEPS") or None
+        attempt = env.get("FTRAIN_ATTEMPT", "")
+        self.attempt: int | None = int(attempt) if attempt.isdigit() else None
+        rank = env.get("RANK")
+        self.rank = int(rank) if rank and rank.isdigit() else 0
+        # Under torchrun every rank keeps a heartbeat file; a single process needs none
+        # (its metric lines are its heartbeat).
+        self.heartbeat_path: str | None = None
+        if self.run_dir is not None and rank is not None:
+            self.heartbeat_path = os.path.join(self.run_dir, "heartbeat", f"rank-{self.rank}")
+        self.heartbeat_at = -math.inf
+        self.fd: int | None = None
+        self.fd_lock = threading.Lock()
+        self.last_step: int | None = None
+        self.last_metrics: dict[str, Any] = {}
+        self.stop_signal: str | None = None
+        self.cooperating = False
+        self.skip: tuple[tuple[int, int], ...] | None = None
+        self.faults: list[Fault] = []
+        self.next_fault_step: float = math.inf
+        inject = env.get("FTRAIN_INJECT")
+        if inject and self.rank == 0:
+            from ftrain.inject import parse_inject
+
+            self.faults = sorted(parse_inject(inject), key=lambda f: f.step)
+            self.next_fault_step = self.faults[0].step if self.faults else math.inf
+        # Where the first log() lists the modules start-up imported, for the next attempt's
+        # spare interpreter to import ahead (ftrain.warm). Not under torchrun: the spare there is
+        # torchrun's agent, which imports no script's modules.
+        self.modules_path: str | None = None
+        if self.run_dir is not None and self.attempt is not None and rank is None:
+            self.modules_path = os.path.join(self.run_dir, "attempts", f"{self.attempt:04d}", "modules.txt")
+        self.save_thread: threading.Thread | None = None
+        self.last_snapshot: Any = None   # kept after its save: the next one copies into it
+        self.save_error: BaseException | None = None
+        self.save_error_step: int | None = None
+
+
+_st = ProcessState(os.environ)
+
+
+# --------------------------------------------------------------------------- public API
+def is_supervised() -> bool:
+    """True when the script runs under ``ftrain run`` (``FTRAIN_RUN_DIR`` is set)."""
+    return _st.run_dir is not None
+
+
+def config(defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The effective config: ``FTRAIN_CONFIG_PATH`` (YAML) deep-merged over ``defaults``.
+
+    The file wins where both have a key. Without the variable, a deep copy of ``defaults``.
+    The sha256 of the file is recorded in the metrics stream, so the supervisor can tell a
+    script that never asked for its overrides.
+    """
+    import copy
+
+    result: dict[str, Any] = copy.deepcopy(dict(defaults)) if defaults else {}
+    path = _st.config_path
+    if path is None:
+        return result
+    import hashlib
+
+    import yaml
+
+    with open(path, "rb") as f:
+        raw = f.read()
+    loaded = yaml.load(raw, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ValueError(  # noqa: TRY004 - what the file holds is a bad value, not a caller's type
+            f"{path}: a config must be a mapping at the top level, not {type(loaded).__name__}")
+    _merge(result, loaded)
+    if _st.rank == 0:
+        control(_st, Control.CONFIG, None, digest=hashlib.sha256(raw).hexdigest(), path=path)
+    return result
+
+
+def log(step: int, *, rank_zero_only: bool = True, **metrics: Any) -> None:
+    """Append one metrics line ``{"step", "t", "attempt", **metrics}``; also a heartbeat.
+
+    Values: numbers, bools, short strings, and anything with ``.item()`` (numpy scalars,
+    0-d tensors). NaN and Inf are written as JSON ``NaN``/``Infinity``. Under several
+    ranks only rank 0 writes (unless ``rank_zero_only=False``); every rank refreshes its
+    heartbeat file. A cheap no-op when ``FTRAIN_METRICS_PATH`` is not set.
+    """
+    st = _st
+    st.last_step = step
+    if st.modules_path is not None:
+        record_modules(st)
+    if step >= st.next_fault_step:
+        from ftrain.shim.faults import fire_due
+
+        metrics = fire_due(st, step, metrics)
+    st.last_metrics = metrics
+    if st.heartbeat_path is not None:
+        heartbeat(st)
+    if st.metrics_path is None or (rank_zero_only and st.rank != 0):
+        return
+    for key, value in metrics.items():
+        if type(value) not in PLAIN:
+            metrics[key] = coerce(key, value)
+    if not RESERVED_METRICS.isdisjoint(metrics):
+        raise ValueError(f"ftrain.log: the metric names {', '.join(sorted(RESERVED_METRICS))} are reserved")
+    record = {"step": step, "t": time.time(), "attempt": st.attempt}
+    if st.rank:
+        record["rank"] = st.rank
+    record.update(metrics)
+    write(st, record)
+
+
+def should_skip(step: int) -> bool:
+    """True when ``step`` lies in one of the ``FTRAIN_SKIP_STEPS`` windows (inclusive)."""
+    ranges = _st.skip
+    if ranges is None:
+        ranges = _st.skip = parse_skip(_st.skip_spec)
+    for lo, hi in ranges:
+        if lo <= step <= hi:
+            return True
+    return False
+
+
+def should_stop() -> bool:
+    """True once SIGTERM or SIGUSR2 asked the job to stop: save and leave.
+
+    Calling it tells the shim the script cooperates; a script that never calls it dies by
+    the signal as if the shim were not there.
+    """
+    _st.cooperating = True
+    return _st.stop_signal is not None
+
+
+def save_checkpoint(state: Any, step: int, *, metrics: Mapping[str, Any] | None = None,
+                    blocking: bool = True) -> str | None:
+    """Save ``state`` as ``step-NNNNNNNN.pt`` plus a manifest, atomically and durably.
+
+    Rank 0 only (other ranks get None). Writes to ``FTRAIN_CHECKPOINT_DIR``, else
+    ``./checkpoints``. The data is hashed as it is written; the manifest
+    (``step, attempt, t, bytes, sha256, metrics``) is written only after the data file is
+    flushed and renamed into place. ``metrics`` defaults to those of the last ``log``.
+    ``blocking=False`` copies the state to the CPU now and writes it on a background
+    thread (one at a time); its error is raised by the next call. The copy's CPU memory is
+    kept for the next non-blocking save, which copies into it (no page faults: a seventh of
+    the time). Returns the final path.
+    Raises ``CheckpointError`` (an OSError) when the files cannot be written; nothing that
+    looks like a checkpoint is left behind then, and earlier checkpoints are not touched.
+    """
+    st = _st
+    if st.rank != 0:
+        return None
+    _wait_for_save(raise_error=True)
+    from ftrain.shim import writer
+
+    return writer.save(st, state, step, st.last_metrics if metrics is None else metrics, blocking=blocking)
+
+
+def load_checkpoint(path: str | os.PathLike[str] | None = None, *, weights_only: bool = True,
+                    map_location: Any = "cpu") -> Any:
+    """Load ``path`` (default ``FTRAIN_RESUME_FROM``) with ``torch.load``; None if neither.
+
+    When the file has a manifest its size is checked (the supervisor checked the sha256
+    before it chose the file); a mismatch raises ``CheckpointError``.
+    """
+    target = os.fspath(path) if path is not None else _st.resume_from
+    if not target:
+        return None
+    _wait_for_save(raise_error=False)   # it may be the file a background save is writing
+    _check_size(target)
+    import torch
+
+    return torch.load(target, map_location=map_location, weights_only=weights_only)
+
+
+# --------------------------------------------------------------------------- helpers
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> None:
+    """Deep-merge ``over`` into ``base`` in place; ``over`` wins, mappings merge key by key."""
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def _wait_for_save(*, raise_error: bool) -> None:
+    """Wait for the background save in flight; raise (once) the error of the last one."""
+    thread = _st.save_thread
+    if thread is not None:
+        thread.join()
+        _st.save_thread = None
+    error = _st.save_error
+    if error is not None and raise_error:
+        _st.save_error = None
+        raise error
+
+
+def _at_exit() -> None:
+    _wait_for_save(raise_error=False)
+    if _st.save_error is not None:
+        print(f"ftrain: the background save of step {_st.save_error_step} failed: {one_line(_st.save_error)}",
+              file=sys.stderr, flush=True)
+
+
+def _check_size(path: str) -> None:
+    """Compare a checkpoint's size with its manifest's ``bytes``, when it has a manifest."""
+    from ftrain import ckptfmt
+
+    name = ckptfmt.manifest_for(os.path.basename(path))
+    if name is None:
+        return
+    try:
+        with open(os.path.join(os.path.dirname(path), name), "rb") as f:
+            expected = json.load(f).get("bytes")
+    except (OSError, ValueError, AttributeError):
+        return   # no (readable) manifest: nothing cheap to check
+    try:
+        size = os.stat(path).st_size
+    except OSError as exc:
+        raise CheckpointError(exc.errno or 0, f"ftrain.load_checkpoint: {path}: {exc.strerror}") from exc
+    if isinstance(expected, int) and size != expected:
+        import errno
+
+        raise CheckpointError(errno.EIO, f"ftrain.load_checkpoint: {path} has {size} bytes but its manifest "
+                                         f"says {expected}: the file was truncated or replaced")
+
+
+atexit.register(_at_exit)
+if _st.run_dir is not None:
+    from ftrain.shim import signals
+
+    signals.arm(_st)

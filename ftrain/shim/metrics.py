@@ -1,0 +1,158 @@
+"""The metrics file and the heartbeat: what the shim writes for the supervisor to read.
+
+Metric lines and control lines (``{"ftrain": <Control>, ...}``, ``ftrain.protocol``) share
+``FTRAIN_METRICS_PATH``; each line is one ``os.write`` on an ``O_APPEND`` descriptor, so a
+reader never sees a torn line. Values are coerced here to what JSON holds (NaN and Inf
+included). Under torchrun every rank also keeps ``$FTRAIN_RUN_DIR/heartbeat/rank-N``; the
+first ``log`` of a single process lists the modules start-up imported (``ftrain.warm``).
+Standard library only, like the rest of the shim.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+TYPE_CHECKING = False   # typing itself costs milliseconds at import; annotations are strings
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
+
+    from ftrain.protocol import Control
+    from ftrain.shim import ProcessState
+
+__all__ = ["HEARTBEAT_EVERY", "MAX_STRING", "PLAIN", "coerce", "control", "heartbeat", "one_line",
+           "plain_metrics", "record_modules", "write", "write_all"]
+
+HEARTBEAT_EVERY = 0.5      # seconds between two refreshes of a rank's heartbeat file
+MAX_STRING = 256           # longer string metrics are cut to this many characters
+PLAIN = frozenset({float, int, bool, type(None)})   # written as they are, no conversion
+_encode = json.JSONEncoder().encode                 # NaN/Infinity allowed, like json.dumps
+
+
+def write(st: ProcessState, record: dict[str, Any]) -> None:
+    """Append one line with a single ``os.write`` (O_APPEND): never torn, seen at once."""
+    fd = st.fd if st.fd is not None else _open(st)
+    data = (_encode(record) + "\n").encode()
+    written = os.write(fd, data)
+    if written < len(data):   # only near a full disk; finish the line or raise its error
+        write_all(fd, memoryview(data)[written:])
+
+
+def control(st: ProcessState, event: Control, step: int | None, **fields: Any) -> None:
+    """Write a control line ``{"ftrain": event, "step", "t", "attempt", **fields}``."""
+    if st.metrics_path is None:
+        return
+    record: dict[str, Any] = {"ftrain": event.value, "step": step, "t": time.time(), "attempt": st.attempt}
+    if st.rank:
+        record["rank"] = st.rank
+    record.update(fields)
+    write(st, record)
+
+
+def _open(st: ProcessState) -> int:
+    with st.fd_lock:   # a background save's control line may race the first log
+        if st.fd is None:
+            assert st.metrics_path is not None
+            st.fd = os.open(st.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        return st.fd
+
+
+def write_all(fd: int, view: memoryview) -> None:
+    """``os.write`` until every byte is out (one call writes at most ~2 GiB on Linux)."""
+    while view.nbytes:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def coerce(key: str, value: Any, where: str = "ftrain.log") -> Any:
+    """A JSON-ready scalar for ``value``: ``.item()`` for tensors and numpy scalars."""
+    if isinstance(value, str):
+        return str(value)[:MAX_STRING]
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    item = getattr(value, "item", None)
+    if callable(item):
+        try:
+            scalar = item()
+        except (ValueError, RuntimeError) as exc:
+            raise TypeError(f"{where}: metric {key!r} is not a scalar ({exc})") from exc
+        if type(scalar) in PLAIN:
+            return scalar
+    raise TypeError(f"{where}: metric {key!r} is a {type(value).__name__}; "
+                    "give numbers, bools, short strings, numpy scalars or 0-d tensors")
+
+
+def plain_metrics(metrics: Mapping[str, Any], where: str = "ftrain.log") -> dict[str, Any]:
+    """``metrics`` with string keys and every value ``coerce``d."""
+    return {str(k): v if type(v) in PLAIN else coerce(str(k), v, where) for k, v in metrics.items()}
+
+
+def one_line(exc: BaseException) -> str:
+    """``"OSError: [Errno 28] No space left on device"``: an error as a control line carries it."""
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def heartbeat(st: ProcessState) -> None:
+    """Refresh this rank's heartbeat file, at most every ``HEARTBEAT_EVERY`` seconds.
+
+    Its content is the rank's pid (written by the first heartbeat of the process), so the
+    supervisor can ask every rank for a stack dump without asking their launcher.
+    """
+    now = time.monotonic()
+    if now - st.heartbeat_at < HEARTBEAT_EVERY:
+        return
+    first = st.heartbeat_at == -math.inf
+    st.heartbeat_at = now
+    path = st.heartbeat_path
+    assert path is not None
+    try:
+        if first:
+            _write_pid(path)
+        else:
+            os.utime(path)
+    except FileNotFoundError:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            _write_pid(path)
+        except OSError:
+            pass   # a heartbeat is advice to the supervisor; never fail a training step for it
+    except OSError:
+        pass
+
+
+def _write_pid(path: str) -> None:
+    """Write this process's pid to ``path`` atomically (a reader never sees it half written)."""
+    from ftrain.files import write_atomic
+
+    write_atomic(path, f"{os.getpid()}\n")
+
+
+def record_modules(st: ProcessState) -> None:
+    """Write the names of the modules imported so far that come from outside the script's
+    folder (torch, torch._dynamo that an optimizer pulls in, …), once, in import order."""
+    path, st.modules_path = st.modules_path, None
+    assert path is not None
+    main = sys.modules.get("__main__")
+    here = os.path.dirname(os.path.abspath(getattr(main, "__file__", None) or ".")) + os.sep
+    names = []
+    for name, module in list(sys.modules.items()):
+        spec = getattr(module, "__spec__", None)
+        origin = getattr(spec, "origin", None)
+        if (spec is None or spec.name != name or name.partition(".")[0] in ("ftrain", "__main__", "__mp_main__")
+                or origin in ("built-in", "frozen") or (origin or "").startswith(here)):
+            continue
+        names.append(name)
+    try:
+        from ftrain.files import write_atomic
+
+        write_atomic(path, "\n".join(names) + "\n")
+    except OSError:   # only an optimisation of the next start
+        pass
