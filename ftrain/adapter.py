@@ -38,6 +38,7 @@ import yaml
 from ftrain import ckptfmt, overrides
 from ftrain.checkpoints import Checkpoint, CheckpointStatus
 from ftrain.errors import PolicyError
+from ftrain.files import write_atomic
 from ftrain.intake import OutputTalk, ShimTalk, Talk
 from ftrain.policy import CheckpointSource, Decision, MissingCheckpoint
 from ftrain.policyfile import _Checker, _line_map
@@ -369,12 +370,7 @@ class ScriptAdapter:
         text = json.dumps(dict(config), indent=2) + "\n" if path.suffix == ".json" \
             else overrides.dump_config(config)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, text, durable=True)
 
 
 def _policy_lines(source: str) -> dict[tuple[Any, ...], int]:
