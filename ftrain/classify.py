@@ -21,24 +21,23 @@ that the report names and, in ``read_oom_kill_count``, the cgroup's counter.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
 
-from ftrain.kinds import Failure, FailureKind
-from ftrain.outcome import AttemptOutcome
+from ftrain.kinds import Failure, FailureKind, signal_name
+from ftrain.outcome import AttemptOutcome, RankReport
+from ftrain.torchrun import ReportedFailure, read_error_file, report_root
 
-__all__ = ["PATTERNS", "Judgement", "Pattern", "classify", "classify_error_file", "failure_of", "judge",
-           "read_oom_kill_count"]
+__all__ = ["PATTERNS", "Judgement", "Pattern", "RankVerdict", "classify", "classify_error_file", "failure_of",
+           "judge", "rank_root", "read_oom_kill_count"]
 
 MAX_EVIDENCE = 5      # lines kept per failure
 MAX_LINE = 300        # characters kept per evidence line
 PER_PATTERN = 2       # lines one pattern may contribute (eight ranks print the same timeout)
-ERROR_FILE_LIMIT = 1 << 20
 
 K = FailureKind
 
@@ -153,24 +152,6 @@ _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\
 _RANK_PREFIX = re.compile(r"^\[[A-Za-z_]*\d+\]:\s?")
 _TRACEBACK = "Traceback (most recent call last):"
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(?::|$)")
-_ROOT_HEADER = "Root Cause (first observed failure):"
-_ROOT_RANK = re.compile(r"^\s*rank\s*: (\d+) \(local_rank: (\d+)\)")
-_ROOT_EXIT = re.compile(r"^\s*exitcode\s*: (-?\d+) \(pid: (\d+)\)")
-_ROOT_FILE = re.compile(r"^\s*error_file\s*: (.*?)\s*$")
-_ROOT_TRACE = re.compile(r"^\s*traceback\s*: ?(.*)$")
-_AGENT_FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+) \(pid: (\d+)\) of binary:")
-
-
-@dataclass(frozen=True)
-class _RootCause:
-    """The first failed rank of a torchrun report (or of the agent's ``failed`` log line)."""
-
-    exitcode: int
-    pid: int | None
-    rank: int | None
-    lines: tuple[str, ...]          # the report's own lines, for evidence
-    traceback: tuple[str, ...]      # the ``traceback :`` field, de-indented
-    error_file: str | None
 
 
 def classify(
@@ -192,18 +173,20 @@ def classify(
         return None
     lines = _clean(tail)
     text = "\n".join(lines)
-    root = _root_cause(lines, text)
-    message = classify_error_file(root.error_file) if root is not None and root.error_file else None
+    root = report_root(lines) if "Root Cause" in text or "failed (exitcode" in text else None
+    message = None
+    if root is not None and root.error_file and root.error_file.startswith("/"):
+        message = classify_error_file(root.error_file)
     if message:   # the failed rank's own words, should its output have left the tail
         lines = lines + message.splitlines()
         text = text + "\n" + message
-    code = root.exitcode if root is not None else returncode
+    code = root.exit_code if root is not None else returncode
     sig = _signal_of(code)
     sig_name = _signal_name(code)
     died = _signal_line(code, sig_name, root) if sig_name else ""
 
     def failure(kind: FailureKind, *evidence: str) -> Failure:
-        more = root.lines if root is not None else ()
+        more = _root_lines(root) if root is not None else ()
         return Failure(kind, exit_code=returncode, signal=sig_name, step=step,
                        evidence=_finish([*evidence, *more]))
 
@@ -300,25 +283,12 @@ def classify_error_file(path: str | Path) -> str | None:
     """The message of a torchelastic per-rank error file (``@record`` writes it where
     ``TORCHELASTIC_ERROR_FILE`` points): ``"<Type>: <msg>"``, possibly several lines.
 
-    None for a missing, unreadable, oversized or malformed file.
+    None for a missing, unreadable, oversized or malformed file, or one that is not a
+    regular file (read by ``torchrun.read_error_file``, bounded).
     """
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(ERROR_FILE_LIMIT + 1)
-    except (OSError, ValueError, TypeError):
-        return None
-    if len(raw) > ERROR_FILE_LIMIT:
-        return None
-    try:
-        data = json.loads(raw.decode("utf-8", "replace"))
-    except ValueError:
-        return None
-    message = data.get("message") if isinstance(data, dict) else None
-    if isinstance(message, dict):
-        message = message.get("message")
-    if not isinstance(message, str) or not message.strip():
-        return None
-    return message.strip()
+    error = read_error_file(path)
+    message = error.message.strip() if error is not None and error.message is not None else ""
+    return message or None
 
 
 def read_oom_kill_count(
@@ -448,7 +418,7 @@ def _signal_name(code: int | None) -> str | None:
     return f"SIG{-code}" if code is not None and code < 0 else None
 
 
-def _signal_line(code: int | None, name: str, root: _RootCause | None) -> str:
+def _signal_line(code: int | None, name: str, root: ReportedFailure | None) -> str:
     where = ""
     if root is not None:
         where = ", rank " + (str(root.rank) if root.rank is not None else "?") + " under torchrun"
@@ -460,50 +430,15 @@ def _exception_type(line: str) -> str:
     return _RANK_PREFIX.sub("", line).split(":", 1)[0].rsplit(".", 1)[-1]
 
 
-def _root_cause(lines: list[str], text: str) -> _RootCause | None:
-    """The root cause of torchrun's failure report, or of its ``failed (exitcode: N)`` log
-    line when the report fell out of the tail. ``text`` is ``lines`` joined."""
-    if _ROOT_HEADER not in text:
-        m = _AGENT_FAILED.search(text)
-        if m is None:
-            return None
-        summary = f"torchrun root cause: local_rank {m.group(2)} exitcode {m.group(1)} (pid {m.group(3)})"
-        return _RootCause(int(m.group(1)), int(m.group(3)), None, (summary,), (), None)
-    header = max(i for i, line in enumerate(lines) if _ROOT_HEADER in line)
-    exitcode: int | None = None
-    pid: int | None = None
-    rank: int | None = None
-    local: int | None = None
-    error_file: str | None = None
-    detail: list[str] = []
-    trace: list[str] = []
-    in_trace = False
-    for line in lines[header + 1:]:
-        stripped = line.strip()
-        if stripped and set(stripped) <= {"="}:
-            break
-        if in_trace:
-            trace.append(line[2:] if line.startswith("  ") else line)
-            continue
-        if m := _ROOT_RANK.match(line):
-            rank, local = int(m.group(1)), int(m.group(2))
-        elif m := _ROOT_EXIT.match(line):
-            exitcode, pid = int(m.group(1)), int(m.group(2))
-        elif m := _ROOT_FILE.match(line):
-            error_file = m.group(1) if m.group(1).startswith("/") else None
-        elif m := _ROOT_TRACE.match(line):
-            in_trace = True
-            trace.append(m.group(1))
-            if m.group(1) and not m.group(1).startswith((_TRACEBACK, "To enable traceback")):
-                detail.append(m.group(1))
-    if exitcode is None:
-        return None
-    who = f"rank {rank} (local_rank {local})" if rank is not None else "a rank"
-    summary = f"torchrun root cause: {who} exitcode {exitcode} (pid {pid})"
-    return _RootCause(exitcode, pid, rank, (summary, *detail), tuple(trace), error_file)
+def _root_lines(root: ReportedFailure) -> tuple[str, ...]:
+    """What torchrun's report says of its root cause, as evidence: who, how, and the first
+    line of its traceback when that is a message rather than a traceback's header."""
+    first = root.traceback[0] if root.traceback else ""
+    detail = (first,) if first and not first.startswith((_TRACEBACK, "To enable traceback")) else ()
+    return (root.summary, *detail)
 
 
-def _exception(lines: list[str], root: _RootCause | None, error_message: str | None) -> tuple[str, ...] | None:
+def _exception(lines: list[str], root: ReportedFailure | None, error_message: str | None) -> tuple[str, ...] | None:
     """The final ``Type: message`` line of the most telling traceback, with its innermost
     ``File`` line: torchrun's root cause (its report, else its error file) first, then the
     last one in the tail that is not torchrun's own ``ChildFailedError``."""
@@ -540,3 +475,77 @@ def _last_traceback(lines: list[str], skip: str | None = None) -> tuple[str, ...
                     break
                 return (line.strip(), where) if where else (line.strip(),)
     return None
+
+
+# --------------------------------------------------------------------------- root cause among ranks
+# Text of a collective that broke because a peer went away or stalled: a consequence, not a
+# cause, as long as some rank failed on its own (FAILURES.md, gloo transport/tcp, NCCL).
+PEER_LOSS = re.compile(
+    r"Connection (?:closed|reset) by peer|Timed out waiting \d+ms for (?:recv|send) operation"
+    r"|Watchdog caught collective operation timeout|ncclRemoteError|Broken pipe"
+    r"|remote worker (?:crashing|hanging)|DistNetworkError|Socket Timeout|recvValue failed"
+    r"|ProcessGroupGloo.*(?:timed out|Timeout)|Heartbeat monitor timed out"
+)
+# Kinds a peer's loss can show as; a rank's own OOM, CUDA error or segfault is never one.
+_SECONDARY_KINDS = frozenset({K.NCCL_ERROR, K.EXCEPTION, K.EXIT_NONZERO, K.PREEMPTED, K.KILLED})
+_TORCHRUN_STOPS = frozenset({-signal.SIGTERM, -signal.SIGKILL, -signal.SIGINT})
+
+
+@dataclass(frozen=True)
+class RankVerdict:
+    """The root cause among a torchrun job's ranks: its ``failure``, whether even that rank
+    failed only as a consequence (``secondary``: stopped by torchrun, or its collective broke
+    when a peer went away, e.g. a node's ranks after another node's fault), and when it
+    failed (``t``, wall clock; inf: unknown)."""
+
+    failure: Failure
+    secondary: bool
+    t: float
+
+
+def rank_root(reports: Sequence[RankReport], *, step: int | None, oom_killed: bool,
+              node: int | None = None) -> RankVerdict | None:
+    """The first rank that failed on its own, with the others named after it; None when no
+    report shows a failure. Pure.
+
+    Each rank is classified by its own lines (``classify``; an exit code torchrun did not
+    report counts as 1, an OOM kill only for a rank that died by SIGKILL). A rank is a
+    consequence when torchrun stopped it (TERM, INT, or KILL that was not the OOM killer's)
+    or when a collective broke because a peer went away (``PEER_LOSS`` text, with a kind a
+    peer's loss can show as). Order: own failures first, then the earliest, then the rank
+    torchrun named as its root cause, then the lowest rank. ``node``: where, in the evidence.
+    """
+    judged: list[tuple[RankReport, int, Failure, bool]] = []
+    for report in reports:
+        code = report.exit_code if report.exit_code is not None else 1
+        failure = classify(code, report.lines, step=step, oom_killed=oom_killed and code == -signal.SIGKILL)
+        if failure is None:
+            continue
+        text = "\n".join(report.lines[-60:]) + "\n" + (report.message or "")
+        secondary = (code in _TORCHRUN_STOPS and not (code == -signal.SIGKILL and oom_killed)) or (
+            failure.kind in _SECONDARY_KINDS and PEER_LOSS.search(text) is not None)
+        judged.append((report, code, failure, secondary))
+    if not judged:
+        return None
+    judged.sort(key=lambda j: (j[3], j[0].t, not j[0].root, j[0].rank))
+    first, code, failure, secondary = judged[0]
+    where = f" on node {node}" if node is not None else ""
+    lead = f"root cause: {_rank_label(first)}{where} failed first: {failure.kind.value}"
+    how = failure.signal or f"exit {code}"
+    others = [f"then {_rank_line(r, c, f)}" + (" [a consequence]" if s else "") for r, c, f, s in judged[1:]]
+    logs = [f"logs: {first.folder}"] if first.folder is not None else []
+    evidence = (f"{lead} ({how})", *failure.evidence, *others, *logs)
+    return RankVerdict(Failure(failure.kind, exit_code=code, signal=signal_name(code),
+                               step=step if step is not None else failure.step, evidence=evidence),
+                       secondary, first.t)
+
+
+def _rank_label(report: RankReport) -> str:
+    pid = f", pid {report.pid}" if report.pid is not None else ""
+    return f"rank {report.rank} (local_rank {report.local_rank}{pid})"
+
+
+def _rank_line(report: RankReport, code: int, failure: Failure) -> str:
+    how = failure.signal or f"exit {code}"
+    head = failure.evidence[0] if failure.evidence else report.message or ""
+    return f"{_rank_label(report)}: {failure.kind.value} ({how})" + (f" — {head}" if head else "")

@@ -11,13 +11,27 @@ announces the decision).
     Single      one process: every hook is a no-op
     Ranks       torchrun on this machine (ftrain.torchrun, ftrain.ranks)
     Nodes       Ranks, plus the coordinator of several machines (ftrain.coord)
+
+What the loop calls, per run and per attempt (``n``)::
+
+    open()
+    ┌► state = before_attempt(state);  n = state.attempt + 1
+    │  command = wrap(command, n, attempt_dir);  start it;  started(n, attempt_dir, pid)
+    │  while it runs: check(hang_timeout, step)
+    │      a hang: dump_stacks() (False: signal the child's group), stop it;  explain(anomaly)
+    │  it ended with a non-zero exit, not interrupted: rank_reports(console tail)
+    │  judged = classify.judge(outcome);  verdict = agree(n, failure, secondary=, t_fail=, interrupted=)
+    │  verdict.must_decide and failed: decide, move checkpoints, announce(n, failure, decision)
+    └─ restart/rollback: next attempt
+    close()
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ftrain.detect import Anomaly
 from ftrain.kinds import Failure
@@ -25,7 +39,10 @@ from ftrain.outcome import RankReport
 from ftrain.policy import Decision
 from ftrain.state import RunState
 
-__all__ = ["Single", "Topology", "Verdict"]
+if TYPE_CHECKING:
+    from ftrain.torchrun import DistSpec
+
+__all__ = ["Single", "Topology", "Verdict", "job_dir_of", "make_topology", "node_dir"]
 
 
 @dataclass(frozen=True)
@@ -148,3 +165,42 @@ class Single:
 
     def announce(self, n: int, failure: Failure, decision: Decision) -> None:
         pass
+
+
+# --------------------------------------------------------------------------- building one
+def make_topology(spec: DistSpec | None, run_dir: Path, job_dir: Path, *,
+                  say: Callable[[str, str], None] | None = None) -> Topology:
+    """One process (no spec), torchrun's ranks on this machine, or one node of several.
+    ``say(message, level)``: where the nodes' coordination tells a person what it waits for
+    (default: ``[ftrain]`` lines on stderr)."""
+    if spec is None:
+        return Single(run_dir)
+    if not spec.multi_node:
+        from ftrain.ranks import Ranks
+
+        return Ranks(spec, run_dir, job_dir)
+    from ftrain.coord import Nodes
+
+    return Nodes(spec, run_dir, job_dir, say=say or _say_on_stderr)
+
+
+def _say_on_stderr(message: str, level: str) -> None:
+    import sys
+
+    print(f"[ftrain] {message}", file=sys.stderr, flush=True)
+
+
+def node_dir(spec: DistSpec, job_dir: Path) -> Path:
+    """This node's own run folder: the job's folder on node 0, ``nodes/node-K/`` inside it on
+    the others (each node keeps its own journal, attempts and rank logs; the metrics stream,
+    the checkpoints and ``coord/`` are the job's, shared)."""
+    if spec.multi_node and not spec.leader:
+        return Path(job_dir) / "nodes" / f"node-{spec.node_rank}"
+    return Path(job_dir)
+
+
+def job_dir_of(spec: DistSpec, run_dir: Path) -> Path:
+    """The job's shared folder, from a node's own run folder (``node_dir`` inverted)."""
+    if spec.multi_node and not spec.leader:
+        return Path(run_dir).parent.parent
+    return Path(run_dir)

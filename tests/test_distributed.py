@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -24,14 +23,18 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import CHILDREN, events, ftrain_cmd, of, pid_alive
-from ftrain.distributed import (Coordinator, DistSpec, Distributed, analyze_ranks, adopt_snapshot, in_torch,
-                                innermost_frame, parse_torchrun_report, read_heartbeats, root_cause,
-                                state_snapshot, torchrun_command)
-from ftrain.errors import UsageError
+
+from ftrain.classify import rank_root
+from ftrain.coord import Coordinator, NodeOutcome, Nodes, pick_root, read_decision
+from ftrain.errors import RunDirError, UsageError
 from ftrain.kinds import Failure, FailureKind
+from ftrain.outcome import RankReport
 from ftrain.policy import Action, Decision
+from ftrain.ranks import CHECK_EVERY, Ranks, in_torch, innermost_frame, read_heartbeats
+from ftrain.state import RunState
+from ftrain.topology import Single, Topology, Verdict, job_dir_of, make_topology, node_dir
+from ftrain.torchrun import DistSpec, parse_report, rank_reports, read_error_file, report_root, torchrun_command
 
 pytest.importorskip("torch.distributed")
 
@@ -185,7 +188,7 @@ def test_bad_distributed_flags_are_one_line_exit_2(tmp_path, args, message):
 
 
 REPORT = """\
-torch.distributed.elastic.multiprocessing.errors.ChildFailedError: 
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
 =======================================================
 /work/train.py FAILED
 -------------------------------------------------------
@@ -226,12 +229,108 @@ def _rank_folder(ranks: Path, local: int, stderr: str, error: str | None, t: flo
 
 
 def test_report_block_is_parsed_root_cause_first(tmp_path):
-    failures = parse_torchrun_report(("[default0]:" if i % 2 else "") + line
-                                     for i, line in enumerate(REPORT.format(error_file="/e.json").splitlines()))
+    failures = parse_report(("[default0]:" if i % 2 else "") + line
+                            for i, line in enumerate(REPORT.format(error_file="/e.json").splitlines()))
     assert [(f.rank, f.local_rank, f.exit_code, f.pid, f.root) for f in failures] == [
         (0, 0, 1, 11985, True), (1, 1, -11, 11986, False)]
     assert failures[0].error_file == "/e.json" and failures[1].error_file is None
-    assert parse_torchrun_report(["nothing to see"]) == []
+    root, other = parse_report(REPORT.format(error_file="/e.json").splitlines())
+    assert root.traceback == ("Traceback (most recent call last):", '  File "/work/train.py", line 94, in main',
+                              "RuntimeError: [../gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                              "[127.0.0.1]:1934.")
+    assert other.traceback == ("Signal 11 (SIGSEGV) received by PID 11986",)
+    assert parse_report(["nothing to see"]) == []
+
+
+def test_the_last_report_counts_and_the_agent_line_stands_in_for_a_lost_one():
+    first = REPORT.format(error_file="<N/A>").splitlines()
+    second = [line.replace("11985", "22222") for line in first]
+    (root, *_) = parse_report(first + ["restarted"] + second)
+    assert root.pid == 22222 and root.root
+    agent = ["E1129 api.py:1002] failed (exitcode: -9) local_rank: 1 (pid: 4242) of binary: /usr/bin/python3"]
+    unreadable = [line for line in first if "exitcode" not in line]
+    assert report_root(unreadable + agent) is None   # a report without a readable root: nothing stands in
+    found = report_root(["noise", *agent])
+    assert found is not None and (found.rank, found.local_rank, found.exit_code, found.pid) == (None, 1, -9, 4242)
+    assert found.summary == "torchrun root cause: local_rank 1 exitcode -9 (pid 4242)"
+    assert report_root(["nothing"]) is None
+
+
+def test_dist_spec_round_trips_and_its_reader_is_strict():
+    spec = DistSpec(nproc_per_node=2, nnodes=3, node_rank=1, rdzv_endpoint="h:29400", rdzv_id="7", node_timeout=12)
+    assert DistSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
+    assert DistSpec.from_json({"nproc_per_node": 2}) == DistSpec(nproc_per_node=2)
+    for bad, field in [({"nproc_per_node": "2"}, "nproc_per_node"), ({"nnodes": 2.0}, "nnodes"),
+                       ({"node_rank": True}, "node_rank"), ({"rdzv_endpoint": 5}, "rdzv_endpoint"),
+                       ({"rdzv_id": []}, "rdzv_id"), ({"node_timeout": "x"}, "node_timeout"),
+                       ({"node_timeout": 0}, "node_timeout"), ([], "object"),
+                       ({"nproc_per_node": 0}, "--nproc-per-node 0")]:
+        with pytest.raises(ValueError, match=field):
+            DistSpec.from_json(bad)
+
+
+# --------------------------------------------------------------------------- root cause among ranks
+def rank(r: int, code: int | None, *lines: str, t: float = 100.0, root: bool = False,
+         message: str | None = None) -> RankReport:
+    return RankReport(rank=r, local_rank=r, pid=1000 + r, exit_code=code, lines=lines, message=message, t=t,
+                      root=root, folder=f"/run/ranks/{r}")
+
+
+GLOO_PEER = "[rank0]: RuntimeError: [../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:1934."
+OOM = ("[rank1]: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 1 has a total "
+       "capacity of 79.15 GiB of which 1.06 GiB is free.")
+
+
+def test_rank_root_an_oom_beats_the_peer_loss_it_caused_even_when_torchrun_saw_that_first():
+    verdict = rank_root([rank(0, 1, GLOO_PEER, t=100.0, root=True), rank(1, 1, OOM, t=100.5)],
+                        step=12, oom_killed=False)
+    assert verdict is not None and not verdict.secondary and verdict.t == 100.5
+    failure = verdict.failure
+    assert failure.kind is FailureKind.CUDA_OOM and failure.exit_code == 1 and failure.step == 12
+    assert failure.evidence[0] == "root cause: rank 1 (local_rank 1, pid 1001) failed first: cuda_oom (exit 1)"
+    assert failure.evidence[1].startswith("[rank1]: torch.OutOfMemoryError: CUDA out of memory")
+    assert ("then rank 0 (local_rank 0, pid 1000): nccl_error (exit 1) — " + GLOO_PEER + " [a consequence]"
+            in failure.evidence)
+    assert failure.evidence[-1] == "logs: /run/ranks/1"
+
+
+def test_rank_root_ranks_torchrun_stopped_are_consequences():
+    traceback = ("Traceback (most recent call last):", '  File "/work/train.py", line 3, in main',
+                 "ValueError: bad shard")
+    verdict = rank_root([rank(0, -15, "training…", t=99.0), rank(1, 3, *traceback, t=101.0)],
+                        step=None, oom_killed=False)
+    assert verdict is not None and verdict.failure.kind is FailureKind.EXCEPTION and not verdict.secondary
+    assert verdict.failure.evidence[0].startswith("root cause: rank 1 ")
+    assert any(line.startswith("then rank 0 (local_rank 0, pid 1000): preempted (SIGTERM)") and
+               line.endswith("[a consequence]") for line in verdict.failure.evidence)
+    only = rank_root([rank(0, -15, "training…", t=99.0)], step=4, oom_killed=False, node=1)
+    assert only is not None and only.secondary and only.failure.signal == "SIGTERM"
+    assert only.failure.evidence[0] == ("root cause: rank 0 (local_rank 0, pid 1000) on node 1 failed first: "
+                                        "preempted (SIGTERM)")
+
+
+def test_rank_root_two_own_failures_the_earlier_then_torchruns_root_then_the_lower_rank():
+    segv = "Fatal Python error: Segmentation fault"
+    abort = "terminate called after throwing an instance of 'c10::Error'"
+    earlier = rank_root([rank(0, -6, abort, t=50.0, root=True), rank(1, -11, segv, t=49.0)], step=3,
+                        oom_killed=False)
+    assert earlier is not None and earlier.failure.kind is FailureKind.SEGFAULT and earlier.failure.signal == "SIGSEGV"
+    tie = rank_root([rank(0, -6, abort, t=50.0), rank(1, -11, segv, t=50.0, root=True)], step=3, oom_killed=False)
+    assert tie is not None and tie.failure.kind is FailureKind.SEGFAULT
+    lower = rank_root([rank(1, -11, segv), rank(0, -6, abort)], step=3, oom_killed=False)
+    assert lower is not None and lower.failure.kind is FailureKind.ABORTED
+
+
+def test_rank_root_an_oom_kill_is_the_cause_not_torchruns_stop_and_unknown_exits_count_as_1():
+    killed = rank_root([rank(0, -15, t=99.0), rank(1, -9, t=100.0)], step=2, oom_killed=True)
+    assert killed is not None and killed.failure.kind is FailureKind.HOST_OOM and not killed.secondary
+    assert rank_root([rank(0, -9)], step=2, oom_killed=False).secondary   # torchrun's KILL after its grace
+    unlisted = rank_root([RankReport(rank=1, local_rank=1, pid=None, exit_code=None, message="ValueError: boom")],
+                         step=None, oom_killed=False)
+    assert unlisted is not None and unlisted.failure.exit_code == 1
+    assert unlisted.failure.evidence[0] == "root cause: rank 1 (local_rank 1) failed first: exit_nonzero (exit 1)"
+    assert rank_root([rank(0, 0, "done")], step=5, oom_killed=False) is None
+    assert rank_root([], step=5, oom_killed=False) is None
 
 
 def test_a_segfault_beats_the_gloo_error_torchrun_saw_first(tmp_path):
@@ -246,11 +345,15 @@ def test_a_segfault_beats_the_gloo_error_torchrun_saw_first(tmp_path):
     _rank_folder(ranks, 1, "Fatal Python error: Segmentation fault\n\nCurrent thread 0x00007f (most recent call "
                            "first):\n  File \"/work/train.py\", line 39 in fire\n", None, t + 0.3)
     console = REPORT.format(error_file=err0 / "error.json").splitlines()
-    exits = analyze_ranks(ranks, console, step=6)
-    assert [(e.rank, e.failure.kind, e.secondary) for e in exits] == [
-        (1, FailureKind.SEGFAULT, False), (0, FailureKind.NCCL_ERROR, True)]
-    failure = root_cause(exits, step=6)
-    assert failure is not None and failure.kind is FailureKind.SEGFAULT and failure.signal == "SIGSEGV"
+    reports = rank_reports(ranks, console)
+    assert [(r.rank, r.exit_code, r.pid, r.root) for r in reports] == [(0, 1, 11985, True), (1, -11, 11986, False)]
+    assert reports[0].message is not None and reports[0].message.startswith("RuntimeError: [../gloo")
+    assert reports[0].t == pytest.approx(t) and reports[1].t == pytest.approx(t + 0.3)
+    assert reports[1].folder == str(ranks / "run_abc" / "attempt_0" / "1")
+    verdict = rank_root(reports, step=6, oom_killed=False)
+    assert verdict is not None and not verdict.secondary
+    failure = verdict.failure
+    assert failure.kind is FailureKind.SEGFAULT and failure.signal == "SIGSEGV"
     assert failure.evidence[0].startswith("root cause: rank 1 (local_rank 1, pid 11986) failed first: segfault")
     assert any("then rank 0" in line and "[a consequence]" in line for line in failure.evidence)
 
@@ -264,10 +367,29 @@ def test_a_timeout_caused_by_an_oom_is_that_oom(tmp_path):
                                "1800000ms for recv operation to complete", t)
     _rank_folder(ranks, 1, "", "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 1 has a "
                                "total capacity of 79.15 GiB of which 1.06 GiB is free.", t + 2)
-    exits = analyze_ranks(ranks, [], step=40)
-    failure = root_cause(exits, step=40)
-    assert failure is not None and failure.kind is FailureKind.CUDA_OOM
-    assert "rank 1" in failure.evidence[0]
+    reports = rank_reports(ranks, [], rank_of={0: 4, 1: 5})   # several nodes: the global ranks from the pids
+    assert [(r.rank, r.local_rank, r.exit_code, r.pid) for r in reports] == [(4, 0, None, None), (5, 1, None, None)]
+    verdict = rank_root(reports, step=40, oom_killed=False)
+    assert verdict is not None and verdict.failure.kind is FailureKind.CUDA_OOM
+    assert "rank 5" in verdict.failure.evidence[0]
+
+
+def test_error_files_are_read_bounded_never_a_device_or_a_fifo(tmp_path):
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps({"message": "x" * (1 << 20)}))
+    for path in ("/dev/zero", fifo, big, tmp_path, tmp_path / "missing.json"):
+        assert read_error_file(path) is None
+    garbage = tmp_path / "garbage.json"
+    garbage.write_bytes(b"\xff{")
+    assert read_error_file(garbage) is None
+    ranks = tmp_path / "ranks"
+    _rank_folder(ranks, 0, "boom\n", None, time.time())
+    for named in ("/dev/zero", str(fifo)):
+        console = REPORT.format(error_file=named).splitlines()
+        reports = rank_reports(ranks, console)   # returns: neither blocks nor reads forever
+        assert [(r.rank, r.message) for r in reports] == [(0, None), (1, None)]
 
 
 def test_innermost_frame_of_a_faulthandler_dump():
@@ -280,89 +402,30 @@ def test_innermost_frame_of_a_faulthandler_dump():
     assert innermost_frame("no dump here") is None
 
 
-def _beating(coordinator: Coordinator) -> Coordinator:
-    coordinator.BEAT = 0.05
-    coordinator.start()
-    return coordinator
+# --------------------------------------------------------------------------- the topologies
+SPEC0 = DistSpec(nnodes=2, node_rank=0, rdzv_endpoint="h:1", node_timeout=5)
+SPEC1 = DistSpec(nnodes=2, node_rank=1, rdzv_endpoint="h:1", node_timeout=5)
 
 
-def test_node_0_decides_once_and_the_other_node_applies_it(tmp_path):
-    spec0 = DistSpec(nnodes=2, node_rank=0, rdzv_endpoint="h:1", node_timeout=5)
-    spec1 = DistSpec(nnodes=2, node_rank=1, rdzv_endpoint="h:1", node_timeout=5)
-    lead = _beating(Coordinator(spec0, tmp_path / "coord", tmp_path / "ckpt"))
-    follow = _beating(Coordinator(spec1, tmp_path / "coord", tmp_path / "ckpt"))
-    segv = Failure(FailureKind.SEGFAULT, exit_code=-11, signal="SIGSEGV", step=6, evidence=("rank 1: SIGSEGV",))
-    consequence = Failure(FailureKind.NCCL_ERROR, exit_code=1, step=6, evidence=("Connection closed by peer",))
-    decided: list[Failure] = []
-    result: dict[str, object] = {}
-
-    def decide(root: Failure) -> Decision:
-        decided.append(root)
-        return Decision(Action.RESTART, reason="segfault: restart", rule=2, overrides={"train.batch_size": 8},
-                        resume_from="/ckpt/step-00000004.pt", resume_step=4)
-
-    thread = threading.Thread(target=lambda: result.update(follower=follow.agree(
-        1, segv, secondary=False, t_fail=time.time() + 1, interrupted=lambda: False, decide=decide)))
-    thread.start()
-    try:
-        root, decision = lead.agree(1, consequence, secondary=True, t_fail=time.time(), interrupted=lambda: False,
-                                    decide=decide)
-        thread.join(10)
-    finally:
-        lead.close()
-        follow.close()
-    assert len(decided) == 1 and decided[0].kind is FailureKind.SEGFAULT   # the follower's own failure, not the consequence
-    assert root.kind is FailureKind.SEGFAULT and root.evidence[0] == "node 1: rank 1: SIGSEGV"
-    follower_root, follower_decision = result["follower"]
-    assert follower_decision == decision and follower_root == root
-    assert decision is not None and decision.resume_step == 4 and decision.overrides == {"train.batch_size": 8}
-
-
-def test_a_node_that_never_reports_is_lost_after_the_node_timeout(tmp_path):
-    spec = DistSpec(nnodes=2, node_rank=0, rdzv_endpoint="h:1", node_timeout=0.5)
-    lead = _beating(Coordinator(spec, tmp_path / "coord", tmp_path / "ckpt"))
-    t0 = time.monotonic()
-    try:
-        root, decision = lead.agree(3, None, secondary=False, t_fail=time.time(), interrupted=lambda: False,
-                                    decide=lambda f: Decision(Action.RESTART, reason=f"{f.kind.value}: restart"))
-    finally:
-        lead.close()
-    assert 0.5 <= time.monotonic() - t0 < 5
-    assert root.kind is FailureKind.KILLED and "node 1 lost" in root.evidence[0]
-    assert decision.reason == "killed: restart"
-
-
-def test_an_interrupted_node_0_tells_the_others_to_stop(tmp_path):
-    spec0 = DistSpec(nnodes=2, node_rank=0, rdzv_endpoint="h:1", node_timeout=30)
-    spec1 = DistSpec(nnodes=2, node_rank=1, rdzv_endpoint="h:1", node_timeout=30)
-    lead = Coordinator(spec0, tmp_path / "coord", tmp_path / "ckpt")
-    follow = Coordinator(spec1, tmp_path / "coord", tmp_path / "ckpt")
-    lead.dir.mkdir()
-    never = lambda f: pytest.fail("nobody decides by the policy")   # noqa: E731
-    preempted = Failure(FailureKind.PREEMPTED, exit_code=-15, signal="SIGTERM", evidence=("SIGTERM",))
-    assert lead.agree(2, preempted, secondary=False, t_fail=time.time(), interrupted=lambda: True,
-                      decide=never) == (preempted, None)
-    t0 = time.monotonic()
-    root, decision = follow.agree(2, None, secondary=False, t_fail=time.time(), interrupted=lambda: False,
-                                  decide=never)
-    assert time.monotonic() - t0 < 2
-    assert decision.action is Action.STOP and "node 0 was interrupted during attempt 2" in decision.reason
-    assert root == preempted
-
-
-def test_a_rejoining_node_adopts_node_0s_state(tmp_path):
-    from ftrain.inject import parse_inject
-    from ftrain.state import RunState
-
-    leader = RunState(attempt=4, config={"train": {"batch_size": 4}}, overrides={"train.batch_size": 4},
-                      skip=[(100, 199)], inject=list(parse_inject("oom@300")), resume_from="/c/step-99.pt",
-                      resume_step=99, restarts=4, rule_uses={1: 2, 3: 2})
-    data = json.loads(json.dumps(state_snapshot(leader, 5)))
-    behind = RunState(attempt=2, config={"train": {"batch_size": 16}})
-    adopt_snapshot(behind, data)
-    assert behind.attempt + 1 == 5
-    for name in ("config", "overrides", "skip", "inject", "resume_from", "resume_step", "restarts", "rule_uses"):
-        assert getattr(behind, name) == getattr(leader, name), name
+def test_make_topology_builds_each_shape_and_each_has_every_method_of_the_protocol(tmp_path):
+    single = make_topology(None, tmp_path, tmp_path)
+    ranks = make_topology(DistSpec(nproc_per_node=2), tmp_path, tmp_path)
+    nodes = make_topology(SPEC1, node_dir(SPEC1, tmp_path), tmp_path)
+    assert type(single) is Single and type(ranks) is Ranks and type(nodes) is Nodes
+    wanted = {name for name in vars(Topology) if not name.startswith("_")}
+    for topology in (ranks, nodes):
+        assert wanted <= set(dir(topology)), wanted - set(dir(topology))
+    assert (ranks.node, ranks.distributed, ranks.job_dir) == (None, True, tmp_path)
+    assert (nodes.node, nodes.distributed, nodes.job_dir) == (1, True, tmp_path)
+    assert DistSpec.from_json(nodes.to_json()) == SPEC1
+    assert node_dir(SPEC1, tmp_path) == tmp_path / "nodes" / "node-1" and node_dir(SPEC0, tmp_path) == tmp_path
+    assert job_dir_of(SPEC1, node_dir(SPEC1, tmp_path)) == tmp_path and job_dir_of(SPEC0, tmp_path) == tmp_path
+    command = ranks.wrap((sys.executable, "train.py"), 3, tmp_path / "attempts" / "0003")
+    assert f"--log-dir {(tmp_path / 'attempts' / '0003').resolve() / 'ranks'}" in " ".join(command)
+    assert "--standalone" in command and "--rdzv-id" not in command
+    failure = Failure(FailureKind.SEGFAULT, exit_code=-11)
+    assert ranks.agree(3, failure, secondary=False, t_fail=None, interrupted=lambda: False) == Verdict(failure)
+    assert ranks.dump_stacks() is True and ranks.rank_reports(["x"]) == ()   # no attempt started: nothing to read
 
 
 def test_stale_rank_check_ignores_heartbeats_of_an_earlier_attempt(tmp_path):
@@ -371,10 +434,222 @@ def test_stale_rank_check_ignores_heartbeats_of_an_earlier_attempt(tmp_path):
     (beats / "rank-0").write_text(f"{os.getpid()}\n")
     old = time.time() - 100
     os.utime(beats / "rank-0", (old, old))
-    dist = Distributed(DistSpec(nproc_per_node=2), tmp_path)
-    dist.start_attempt(2, tmp_path / "attempts" / "0002", os.getppid())
-    assert dist.check(1.0) is None                    # older than the attempt: a previous rank's
+    ranks = Ranks(DistSpec(nproc_per_node=2), tmp_path)
+    ranks.started(2, tmp_path / "attempts" / "0002", os.getppid())
+    assert ranks.check(1.0, None) is None                    # older than the attempt: a previous rank's
     assert read_heartbeats(beats)[0].pid == os.getpid()
+
+
+def test_a_stale_rank_of_this_attempt_is_a_hang(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        beats = tmp_path / "heartbeat"
+        beats.mkdir()
+        ranks = Ranks(DistSpec(nproc_per_node=2), tmp_path)
+        ranks.started(1, tmp_path / "attempts" / "0001", os.getpid())   # this process stands in for torchrun
+        (beats / "rank-0").write_text(f"{child.pid}\n")
+        (beats / "rank-1").write_text("\n")
+        later = time.time() + 5
+        os.utime(beats / "rank-1", (later, later))
+        anomaly = ranks.watch.check(2.0, 7, now=time.time() + 4)
+        assert anomaly is not None and anomaly.kind is FailureKind.HANG and anomaly.step == 7
+        assert anomaly.reason.startswith("rank 0: no heartbeat for 4.") and "while rank 1 still beat" in anomaly.reason
+    finally:
+        child.kill()
+        child.wait()
+
+
+def _beating(coordinator: Coordinator) -> Coordinator:
+    coordinator.BEAT = 0.05
+    coordinator.start()
+    return coordinator
+
+
+def test_node_0_gathers_the_root_cause_and_announces_its_loops_decision(tmp_path):
+    said: list[tuple[str, str]] = []
+    lead = _beating(Coordinator(SPEC0, tmp_path / "coord", say=lambda m, level: said.append((m, level))))
+    follow = _beating(Coordinator(SPEC1, tmp_path / "coord"))
+    segv = Failure(FailureKind.SEGFAULT, exit_code=-11, signal="SIGSEGV", step=6, evidence=("rank 1: SIGSEGV",))
+    consequence = Failure(FailureKind.NCCL_ERROR, exit_code=1, step=6, evidence=("Connection closed by peer",))
+    decision = Decision(Action.ROLLBACK, reason="segfault: roll back", rule=2, overrides={"train.batch_size": 8},
+                        resume_from="/ckpt/step-00000004.pt", resume_step=4, skip=((5, 9),), quarantine_after=4)
+    result: dict[str, Verdict] = {}
+    thread = threading.Thread(target=lambda: result.update(follower=follow.agree(
+        1, segv, secondary=False, t_fail=time.time() + 1, interrupted=lambda: False)))
+    thread.start()
+    try:
+        verdict = lead.agree(1, consequence, secondary=True, t_fail=time.time(), interrupted=lambda: False)
+        assert verdict.must_decide and verdict.decision is None
+        root = verdict.failure
+        assert root is not None and root.kind is FailureKind.SEGFAULT and root.evidence[0] == "node 1: rank 1: SIGSEGV"
+        assert thread.is_alive()   # the follower waits for the decision, which only the loop makes
+        lead.announce(1, root, decision)
+        thread.join(10)
+    finally:
+        lead.close()
+        follow.close()
+    assert result["follower"] == Verdict(root, decision, must_decide=False)
+    assert ("root cause of attempt 1 is on node 1: segfault", "warn") in said
+    recorded = json.loads((tmp_path / "coord/0001/decision.json").read_text())
+    assert recorded["node"] == 1 and recorded["failure"]["kind"] == "segfault"
+    assert recorded["decision"]["quarantine_after"] == 4 and set(recorded["outcomes"]) == {"0", "1"}
+    assert (tmp_path / "coord/0001/failed").exists()
+
+
+def test_pick_root_own_failures_first_then_the_earliest_then_the_lowest_node():
+    oom = Failure(FailureKind.CUDA_OOM, evidence=("rank 3: OOM",))
+    term = Failure(FailureKind.PREEMPTED, evidence=("SIGTERM",))
+    outcomes = [NodeOutcome(0, term, secondary=True, t_fail=1.0), NodeOutcome(2, oom, t_fail=5.0),
+                NodeOutcome(1, oom, t_fail=5.0), NodeOutcome(3, None)]
+    assert pick_root(4, outcomes, {}, now=10.0) == (1, Failure(FailureKind.CUDA_OOM, evidence=("node 1: rank 3: OOM",)))
+    node, lost = pick_root(4, outcomes, {3: 7.0}, now=10.0)   # silent since t=3: before the OOMs
+    assert node == 3 and lost is not None and lost.kind is FailureKind.KILLED and "node 3 lost" in lost.evidence[0]
+    assert pick_root(4, [NodeOutcome(0, None), NodeOutcome(1, None)], {}, now=1.0) == (None, None)
+
+
+def test_when_no_node_failed_every_node_hears_so(tmp_path):
+    lead = _beating(Coordinator(SPEC0, tmp_path / "coord"))
+    follow = Coordinator(SPEC1, tmp_path / "coord")
+    try:
+        follow.publish_outcome(5, NodeOutcome(1, None))
+        assert lead.agree(5, None, secondary=False, t_fail=1.0, interrupted=lambda: False) == \
+            Verdict(None, None, must_decide=False)
+        assert follow.agree(5, None, secondary=False, t_fail=1.0, interrupted=lambda: False) == \
+            Verdict(None, None, must_decide=False)
+    finally:
+        lead.close()
+
+
+def test_a_node_that_never_reports_is_lost_after_the_node_timeout(tmp_path):
+    spec = DistSpec(nnodes=2, node_rank=0, rdzv_endpoint="h:1", node_timeout=0.5)
+    lead = _beating(Coordinator(spec, tmp_path / "coord"))
+    t0 = time.monotonic()
+    try:
+        verdict = lead.agree(3, None, secondary=False, t_fail=time.time(), interrupted=lambda: False)
+    finally:
+        lead.close()
+    assert 0.5 <= time.monotonic() - t0 < 5
+    assert verdict.must_decide and verdict.decision is None
+    assert verdict.failure is not None and verdict.failure.kind is FailureKind.KILLED
+    assert "node 1 lost" in verdict.failure.evidence[0]
+
+
+@pytest.mark.parametrize("content", [b"{garbage", b"[1, 2]", b'{"node": "1", "failure": null}',
+                                     b'{"node": 1, "failure": {"kind": "nope"}}', b'{"node": 1, "secondary": "no"}'])
+def test_an_unreadable_outcome_of_another_node_counts_as_missing(tmp_path, content):
+    spec = DistSpec(nnodes=2, node_rank=0, rdzv_endpoint="h:1", node_timeout=0.5)
+    said: list[tuple[str, str]] = []
+    lead = _beating(Coordinator(spec, tmp_path / "coord", say=lambda m, level: said.append((m, level))))
+    (tmp_path / "coord/0002").mkdir(parents=True)
+    (tmp_path / "coord/0002/outcome-node-1.json").write_bytes(content)
+    try:
+        verdict = lead.agree(2, None, secondary=False, t_fail=time.time(), interrupted=lambda: False)
+    finally:
+        lead.close()
+    assert verdict.failure is not None and "node 1 lost" in verdict.failure.evidence[0]
+    warnings = [m for m, level in said if level == "warn" and "outcome-node-1.json: unreadable" in m]
+    assert len(warnings) == 1, said   # once, not on every poll
+
+
+@pytest.mark.parametrize("content, problem", [(b"{garbage", "unreadable"), (b"[]", "expected an object"),
+                                              (b'{"failure": null, "decision": {"action": "explode"}}', "action"),
+                                              (b'{"failure": null, "decision": {"action": "stop", "rule": [1]}}',
+                                               "rule")])
+def test_a_decision_that_does_not_decode_is_one_run_dir_error(tmp_path, content, problem):
+    path = tmp_path / "coord/0001/decision.json"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    follow = Coordinator(SPEC1, tmp_path / "coord")
+    with pytest.raises(RunDirError, match=problem) as caught:
+        follow.agree(1, None, secondary=False, t_fail=1.0, interrupted=lambda: False)
+    assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+    assert read_decision(tmp_path / "missing.json") is None
+
+
+def test_an_interrupted_node_0_tells_the_others_to_stop(tmp_path):
+    spec0 = DistSpec(nnodes=2, node_rank=0, rdzv_endpoint="h:1", node_timeout=30)
+    spec1 = DistSpec(nnodes=2, node_rank=1, rdzv_endpoint="h:1", node_timeout=30)
+    lead = Coordinator(spec0, tmp_path / "coord")
+    follow = Coordinator(spec1, tmp_path / "coord")
+    lead.dir.mkdir()
+    preempted = Failure(FailureKind.PREEMPTED, exit_code=-15, signal="SIGTERM", evidence=("SIGTERM",))
+    assert lead.agree(2, preempted, secondary=False, t_fail=time.time(), interrupted=lambda: True) == \
+        Verdict(preempted, None, must_decide=False)
+    t0 = time.monotonic()
+    verdict = follow.agree(2, None, secondary=False, t_fail=time.time(), interrupted=lambda: False)
+    assert time.monotonic() - t0 < 2
+    assert verdict.decision is not None and verdict.decision.action is Action.STOP
+    assert "node 0 was interrupted during attempt 2" in verdict.decision.reason
+    assert verdict.failure == preempted and not verdict.must_decide
+    mine = Failure(FailureKind.KILLED, evidence=("x",))   # interrupted itself: no wait, nothing decided
+    assert follow.agree(3, mine, secondary=False, t_fail=1.0, interrupted=lambda: True) == \
+        Verdict(mine, None, must_decide=False)
+
+
+def test_a_follower_whose_node_0_is_lost_stops(tmp_path):
+    spec1 = DistSpec(nnodes=2, node_rank=1, rdzv_endpoint="h:1", node_timeout=0.3)
+    follow = Coordinator(spec1, tmp_path / "coord")
+    follow.dir.mkdir()
+    verdict = follow.agree(4, None, secondary=False, t_fail=1.0, interrupted=lambda: False)
+    assert verdict.decision is not None and verdict.decision.action is Action.STOP and not verdict.must_decide
+    assert verdict.failure is not None and verdict.failure.kind is FailureKind.KILLED
+    assert "node 0 lost while this node waited for its decision on attempt 4" in verdict.decision.reason
+
+
+def test_a_rejoining_node_adopts_node_0s_state(tmp_path):
+    from ftrain.inject import parse_inject
+
+    said: list[str] = []
+    lead = Coordinator(SPEC0, tmp_path / "coord")
+    follow = Coordinator(SPEC1, tmp_path / "coord", say=lambda m, level: said.append(m))
+    leader = RunState(attempt=4, config={"train": {"batch_size": 4}}, overrides={"train.batch_size": 4},
+                      skip=[(100, 199)], inject=list(parse_inject("oom@300")), resume_from="/c/step-99.pt",
+                      resume_step=99, restarts=4, rule_uses={1: 2, 3: 2}, rollbacks=[(150, 99)],
+                      set_aside=[(99, 12.5)], best_step=160)
+    assert lead.before_attempt(leader) is leader
+    assert json.loads((tmp_path / "coord/0005/state.json").read_text())["attempt"] == 4
+    behind = RunState(attempt=2, config={"train": {"batch_size": 16}})
+    adopted = follow.before_attempt(behind)
+    assert adopted == leader and adopted.attempt + 1 == 5
+    assert said == ["rejoining the job at attempt 5 (node 0's state)"]
+    ahead = RunState(attempt=7)
+    assert follow.before_attempt(ahead) is ahead   # node 0's newest state is older: keep this node's
+
+
+def test_an_unreadable_state_of_node_0_is_not_adopted(tmp_path):
+    said: list[str] = []
+    follow = Coordinator(SPEC1, tmp_path / "coord", say=lambda m, level: said.append(m))
+    (tmp_path / "coord/0003").mkdir(parents=True)
+    (tmp_path / "coord/0003/state.json").write_text('{"attempt": "two"}')
+    own = RunState(attempt=1)
+    assert follow.before_attempt(own) is own
+    assert len(said) == 1 and "state.json: unreadable (attempt: expected an integer" in said[0]
+
+
+def test_a_node_stopped_for_another_nodes_failure_is_a_consequence(tmp_path):
+    lead = Nodes(SPEC0, tmp_path, tmp_path, say=lambda m, level: None)
+    other = Coordinator(SPEC1, tmp_path / "coord")
+    lead.coordinator.BEAT = other.BEAT = 0.05
+    lead.open()
+    other.start()
+    try:
+        lead.started(1, tmp_path / "attempts" / "0001", os.getpid())
+        assert lead.check(30.0, 3) is None
+        segv = Failure(FailureKind.SEGFAULT, exit_code=-11, signal="SIGSEGV", step=3, evidence=("rank 2: SIGSEGV",))
+        other.publish_outcome(1, NodeOutcome(1, segv, t_fail=time.time() + 60))   # a later clock, even
+        time.sleep(CHECK_EVERY)   # the next look at coord/ is due
+        peer = lead.check(30.0, 3)
+        assert peer is not None and peer.kind is FailureKind.SEGFAULT and peer.step == 3
+        assert peer.reason == "node 1 reported segfault in attempt 1: stopping this node's ranks"
+        stopped = peer.to_failure()
+        verdict = lead.agree(1, stopped, secondary=False, t_fail=None, interrupted=lambda: False)
+    finally:
+        lead.close()
+        other.close()
+    assert verdict.must_decide and verdict.failure is not None
+    assert verdict.failure.evidence[0] == "node 1: rank 2: SIGSEGV"
+    mine = json.loads((tmp_path / "coord/0001/outcome-node-0.json").read_text())
+    assert mine["secondary"] is True
 
 
 # --------------------------------------------------------------------------- one machine, two ranks
