@@ -26,7 +26,7 @@ from ftrain.policyfile import DEFAULT_SOURCE, load_policy, load_policy_copy
 from ftrain.process import become_subreaper
 from ftrain.script import SHIM, Script
 from ftrain.state import RunState, remove_fault
-from ftrain.supervisor import Supervisor, check_fresh_run_dir, new_run_dir
+from ftrain.supervisor import Reporter, Supervisor, check_fresh_run_dir, new_run_dir
 from ftrain.topology import Single, Topology
 from ftrain.view import make_reporter
 
@@ -102,8 +102,9 @@ def start_run(*, script: str, script_args: tuple[str, ...], policy_path: Path | 
                         tensorboard=str(tensorboard.resolve()) if tensorboard else None)
     listeners = make_listeners(tensorboard)
     become_subreaper()
-    supervisor = Supervisor(run_dir, policy, launch, make_reporter(no_ui), inject=faults, script=script_side,
-                            topology=make_topology(spec, run_dir, job_dir), listeners=listeners,
+    reporter = make_reporter(no_ui)
+    supervisor = Supervisor(run_dir, policy, launch, reporter, inject=faults, script=script_side,
+                            topology=make_topology(spec, run_dir, job_dir, reporter), listeners=listeners,
                             launcher=make_launcher(policy.warm_start, launch.cwd, command[0]))
     return supervisor.run()
 
@@ -119,13 +120,14 @@ def make_script(policy: Policy, config: dict[str, Any] | None, *, cwd: Path | No
                                      started=started)
 
 
-def make_topology(spec: Any, run_dir: Path, job_dir: Path) -> Topology:
-    """One process, or torchrun's ranks on one or several machines (``ftrain.topology``)."""
+def make_topology(spec: Any, run_dir: Path, job_dir: Path, reporter: Reporter) -> Topology:
+    """One process, or torchrun's ranks on one or several machines (``ftrain.topology``);
+    what happens between the nodes is told through ``reporter``."""
     if spec is None:
         return Single(run_dir)
     from ftrain.topology import make_topology as make
 
-    return make(spec, run_dir, job_dir)
+    return make(spec, run_dir, job_dir, say=lambda message, level: reporter.event(message, level=level))
 
 
 def make_listeners(tensorboard: Path | None) -> list[Any]:
@@ -250,8 +252,9 @@ def resume_run(run_dir: Path | None, *, max_restarts: int | None, no_ui: bool) -
         except (ValueError, TypeError) as exc:
             raise RunDirError(f"{run_dir / 'run.json'}: distributed: {exc}") from exc
         job_dir = job_dir_of(spec, run_dir)
-    supervisor = Supervisor(run_dir, policy, launch, make_reporter(no_ui), state=state, max_restarts=budget,
-                            script=script_side, topology=make_topology(spec, run_dir, job_dir),
+    reporter = make_reporter(no_ui)
+    supervisor = Supervisor(run_dir, policy, launch, reporter, state=state, max_restarts=budget,
+                            script=script_side, topology=make_topology(spec, run_dir, job_dir, reporter),
                             listeners=make_listeners(Path(tb) if tb else None),
                             launcher=make_launcher(policy.warm_start, cwd, launch.command[0]),
                             open_attempt=_open_attempt(events))

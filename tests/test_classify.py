@@ -407,7 +407,7 @@ def test_every_pattern_has_a_sample_and_a_unique_name() -> None:
 
 def test_the_public_surface() -> None:
     assert {"PATTERNS", "Pattern", "classify", "read_oom_kill_count", "judge", "failure_of",
-            "Judgement"} <= set(classify_module.__all__)
+            "Judgement", "RankVerdict", "rank_root"} <= set(classify_module.__all__)
     for name in classify_module.__all__:
         assert hasattr(classify_module, name)
 
