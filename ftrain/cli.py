@@ -7,8 +7,9 @@ stderr and exit status 2; nothing is launched after an error.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import click
 

@@ -8,8 +8,8 @@ function of it, in ``classify``. Nothing here touches a process or a file.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from ftrain.detect import Anomaly
 

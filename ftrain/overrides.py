@@ -12,13 +12,15 @@ from __future__ import annotations
 import copy
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
 from ftrain.errors import ConfigError
+
 
 class ConfigLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
     """Safe YAML (libyaml's parser when present), but ``3e-4`` is a float as YAML 1.2 (and
@@ -74,7 +76,7 @@ class OverrideSpec:
     max: float | None = None
 
     @classmethod
-    def parse(cls, key: str, raw: Any) -> "OverrideSpec":
+    def parse(cls, key: str, raw: Any) -> OverrideSpec:
         """Build from the YAML form; raise ValueError naming the problem."""
         if not isinstance(raw, dict):
             return cls(key, value=raw)

@@ -8,8 +8,9 @@ checkpoints (plain values) to a frozen ``Decision``. Reading and validating a po
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 from ftrain.detect import DetectSpec
 from ftrain.kinds import Failure, FailureKind

@@ -20,9 +20,10 @@ import signal
 import subprocess
 import time
 from collections import deque
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # psutil is imported where it is used: it costs start-up time before the first child
     import psutil

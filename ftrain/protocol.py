@@ -12,7 +12,7 @@ import enum
 
 TYPE_CHECKING = False   # typing costs milliseconds at import; annotations stay strings
 if TYPE_CHECKING:
-    from typing import Iterable
+    from collections.abc import Iterable
 
 __all__ = ["Control", "RESERVED_METRICS", "format_skip", "parse_skip"]
 

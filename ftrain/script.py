@@ -10,8 +10,9 @@ it distrusts (``roll_back``). ``ShimScript`` is the script that imports ``ftrain
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 from ftrain import checkpoints
 from ftrain.intake import ShimTalk, Talk

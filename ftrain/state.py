@@ -11,8 +11,9 @@ with the file and line.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from ftrain import overrides
 from ftrain.inject import Fault, format_inject, parse_inject

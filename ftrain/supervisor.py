@@ -28,9 +28,10 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 from ftrain import __version__, checkpoints, overrides
 from ftrain.detect import Anomaly, Detectors
@@ -277,7 +278,7 @@ class Supervisor:
             self.state.attempt += 1
             n = self.state.attempt
             outcome, watch, exit_ = self._attempt(n)
-            from ftrain.classify import judge   # imported by then (see _attempt)
+            from ftrain.classify import judge  # imported by then (see _attempt)
 
             judged = judge(outcome)
             if judged.failure is not None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import Any, Mapping, TextIO
+from collections.abc import Mapping
+from typing import Any, TextIO
 
 _COLORS = {"info": "cyan", "warn": "yellow", "error": "red"}
 
@@ -76,8 +77,8 @@ class LiveReporter:
         self.live.start()
 
     def _render(self) -> Any:
-        from rich.panel import Panel
         from rich.console import Group
+        from rich.panel import Panel
 
         return Panel(Group(self._line, self._event), title="ftrain", border_style="cyan", expand=True)
 

@@ -18,8 +18,9 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 
@@ -231,7 +232,7 @@ def bench_log_cost(tmp: Path) -> None:
 def bench_ingest(tmp: Path, lines: int = 500_000) -> None:
     """Tailer + detectors (default spec) on a file of metric lines."""
     sys.path.insert(0, str(ROOT))
-    from ftrain.detect import DetectSpec, Detectors
+    from ftrain.detect import Detectors, DetectSpec
     from ftrain.tail import Tailer
 
     path = tmp / "ingest.jsonl"
@@ -393,8 +394,9 @@ def bench_goodput(tmp: Path, steps: int) -> None:
     for name, extra in (("clean", []), ("faults", ["--inject", faults])):
         t0 = time.monotonic()
         p = subprocess.run([PY, "-m", "ftrain", "run", str(ROOT / "scripts/train_charlm.py"),
-                            "--config", str(ROOT / "configs/demo.yaml"), "--policy", str(ROOT / "configs/policy.demo.yaml"),
-                            "--set", f"train.steps={steps}", "--no-ui", "--run-dir", str(tmp / f"goodput-{name}"), *extra],
+                            "--config", str(ROOT / "configs/demo.yaml"),
+                            "--policy", str(ROOT / "configs/policy.demo.yaml"), "--set", f"train.steps={steps}",
+                            "--no-ui", "--run-dir", str(tmp / f"goodput-{name}"), *extra],
                            cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         walls[name] = time.monotonic() - t0
         if p.returncode != 0:

@@ -15,16 +15,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import CHILDREN, ROOT, events, of, run_ftrain
 
-from ftrain.state import RunState
 from ftrain.adapter import MissingCheckpoint, ScriptAdapter, render_value
 from ftrain.checkpoints import CheckpointStatus
 from ftrain.errors import PolicyError
 from ftrain.kinds import Failure, FailureKind
 from ftrain.policy import Action, Decision, History
 from ftrain.policyfile import load_policy, parse_policy
-
-from conftest import CHILDREN, ROOT, events, of, run_ftrain
+from ftrain.state import RunState
 
 CONFIG = {"train": {"batch_size": 32, "grad_accum": 1, "steps": 100}, "optim": {"lr": 3e-4}, "amp": True}
 EXT = str(CHILDREN / "ext_env.py")

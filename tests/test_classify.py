@@ -22,7 +22,8 @@ import pytest
 
 import ftrain.classify as classify_module
 from ftrain.classify import PATTERNS, classify, classify_error_file, read_oom_kill_count
-from ftrain.kinds import Failure, FailureKind as K
+from ftrain.kinds import Failure
+from ftrain.kinds import FailureKind as K
 
 CHILD = Path(__file__).resolve().parent / "children" / "crash_child.py"
 

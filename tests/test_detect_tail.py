@@ -20,8 +20,16 @@ import pytest
 
 import ftrain.detect as detect
 import ftrain.tail as tail
-from ftrain.detect import (Anomaly, DetectSpec, Detectors, HangSpec, NonfiniteSpec, SpikeSpec, ThresholdSpec,
-                           parse_duration)
+from ftrain.detect import (
+    Anomaly,
+    Detectors,
+    DetectSpec,
+    HangSpec,
+    NonfiniteSpec,
+    SpikeSpec,
+    ThresholdSpec,
+    parse_duration,
+)
 from ftrain.kinds import Failure, FailureKind
 from ftrain.tail import Tailer
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, events, of, run_ftrain
 
 pytest.importorskip("torch")

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, events, of, run_ftrain
 
 EXAMPLES = ROOT / "scripts" / "examples"
@@ -122,9 +121,9 @@ def test_a_missing_framework_is_named_with_the_install_line(module, blocked, mes
 
 def test_scalars_keep_numbers_and_one_element_tensors():
     torch = pytest.importorskip("torch")
-    from ftrain.integrations import scalars
-
     import numpy
+
+    from ftrain.integrations import scalars
 
     assert scalars({"loss": torch.tensor(0.5), "lr": 1e-3, "step": 3, "t": 1.0, "name": "x", "flag": True,
                     "vector": torch.ones(3), "epoch": 2, "tokens": numpy.int64(7),

@@ -8,7 +8,6 @@ from ftrain import overrides
 from ftrain.errors import ConfigError
 from ftrain.overrides import OverrideSpec
 
-
 CONFIG = {"train": {"batch_size": 32, "grad_accum": 1, "amp": True}, "optim": {"lr": 0.003}}
 
 

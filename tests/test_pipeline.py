@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
+from conftest import events, of
 
 from ftrain.classify import failure_of, judge
 from ftrain.detect import Anomaly
@@ -23,8 +25,6 @@ from ftrain.policyfile import parse_policy
 from ftrain.process import OutputSink
 from ftrain.supervisor import Supervisor
 from ftrain.topology import Single, Verdict
-
-from conftest import events, of
 
 K = FailureKind
 NAN = Anomaly(K.NONFINITE, 20, "loss", math.nan, "loss = nan at step 20", ('{"step": 20, "loss": NaN}',))

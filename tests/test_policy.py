@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from ftrain.errors import PolicyError
-from ftrain.kinds import Failure, FailureKind as K
+from ftrain.kinds import Failure
+from ftrain.kinds import FailureKind as K
 from ftrain.policy import Action, History
 from ftrain.policyfile import default_policy_path, load_policy, parse_policy
 

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from conftest import CHILDREN, ftrain_cmd, events, of, pid_alive, run_ftrain
+from conftest import CHILDREN, events, ftrain_cmd, of, pid_alive, run_ftrain
 
 JOB = str(CHILDREN / "job_train.py")
 MISBEHAVE = str(CHILDREN / "job_misbehave.py")

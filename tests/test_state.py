@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import CHILDREN, events, ftrain_cmd, of, pid_alive, run_ftrain
 
 JOB = str(CHILDREN / "job_train.py")

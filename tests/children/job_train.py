@@ -8,7 +8,6 @@ grandchild in a session of its own (like torchrun's ranks) before training;
 "hang-ignoring-term" hangs at step 3 with SIGTERM ignored.
 """
 
-import os
 import subprocess
 import sys
 import time

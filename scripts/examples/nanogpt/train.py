@@ -90,7 +90,7 @@ ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torc
 ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
 
 # data: characters of Tiny Shakespeare, 90% train, 10% val
-with open(data_path, 'r') as f:
+with open(data_path) as f:
     text = f.read()
 chars = sorted(set(text))
 stoi = {ch: i for i, ch in enumerate(chars)}
