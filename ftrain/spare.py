@@ -99,7 +99,8 @@ def _script_main(script: str) -> ModuleType:
 
 
 def run_script(main: ModuleType) -> None:
-    """Run the script of ``main`` (``_script_main``) as ``python script`` does (CPython's ``_PyRun_SimpleFileObject``).
+    """Run the script of ``main`` (``_script_main``) as ``python script`` does (CPython's
+    ``_PyRun_SimpleFileObject``).
 
     Not ``runpy.run_path``: that puts the previous ``__main__`` back once the code returns,
     so a thread or an ``atexit`` handler that pickles a class of the script (a checkpoint
@@ -239,8 +240,10 @@ def stale(since: float) -> bool:
     prefixes = tuple(sorted({p + os.sep for p in installed} | {os.path.realpath(p) + os.sep for p in installed},
                             key=len, reverse=True))   # site-packages before a stdlib around it
     linked: dict[str, bool] = {}    # top-level entry of an installed folder -> is a symlink
-    for module in list(sys.modules.values()):
+    for name, module in list(sys.modules.items()):
         path = getattr(module, "__file__", None)
+        if name == "__main__":
+            continue                # the script: read afresh when it runs, edited or not
         if not isinstance(path, str) or not os.path.isabs(path):
             continue                # none, or a name only (torch.ops says "_ops.py")
         prefix = next((p for p in prefixes if path.startswith(p)), None)

@@ -310,13 +310,15 @@ def test_a_spare_launch_runs_the_script_with_the_attempts_env(tmp_path):
     script.write_text("import os, sys\nprint('ran', os.environ.get('FTRAIN_ATTEMPT'), sys.argv[1:])\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("FTRAIN_")}
     spare = Spare((sys.executable, str(script)), env, tmp_path)
+    time.sleep(0.3)
+    script.write_text(script.read_text().replace("'ran'", "'ran as edited'"))   # a fix meanwhile: still warm
     log = tmp_path / "out.log"
     child = spare.launch((sys.executable, str(script), "--lr", "0.1"), {**env, "FTRAIN_ATTEMPT": "7"}, log)
     assert child is not None
     while child.pump(0.05):
         pass
     assert child.finish().returncode == 0
-    assert log.read_text() == "ran 7 ['--lr', '0.1']\n"
+    assert log.read_text() == "ran as edited 7 ['--lr', '0.1']\n"
 
 
 # What a script can see of how it was started, on stdout; a warning on stderr.
