@@ -12,51 +12,51 @@ marker at its step:
                       ``ftrain/rollback_to`` the step it goes back to, ``ftrain/stop``)
     ftrain/override/KEY   the new value of an overridden config key
 
-The supervisor must not import torch or TensorFlow, so this writes the event files itself:
-the ``tensorboard`` package's protocol buffers (``tensorboard.compat.proto``, which import
-neither) in TFRecord framing. A TensorBoard started on DIR shows the run live; restarted
-attempts replay steps, and their points sit beside the first ones.
+The supervisor must not import torch or TensorFlow, so this writes with the ``tensorboard``
+package's own pieces that import neither: its protocol buffers (``tensorboard.compat.proto``)
+and its TFRecord framing and checksums (``tensorboard.summary.writer.record_writer``).
+Not its ``EventFileWriter``: that opens the file through ``tensorboard.compat.tf``, which
+imports TensorFlow wherever it is installed, and writes from a thread of its own. A
+TensorBoard started on DIR shows the run live; restarted attempts replay steps, and their
+points sit beside the first ones.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-import struct
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ftrain.errors import UsageError
 
-__all__ = ["TensorBoardMirror", "masked_crc32c"]
+__all__ = ["TensorBoardMirror", "require_tensorboard"]
 
 TEXT_TAG = "ftrain/events"
 FLUSH_EVERY = 1.0          # seconds: metrics reach the file (and a live TensorBoard) this often
 _SKIP_FIELDS = frozenset({"step", "t", "attempt", "rank"})
+MISSING = "--tensorboard needs the tensorboard package: pip install 'ftrain[tensorboard]'"
 
 
-def _crc32c_table() -> tuple[int, ...]:
-    table = []
-    for n in range(256):
-        c = n
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    return tuple(table)
+def require_tensorboard() -> None:
+    """Raise ``UsageError`` (one line) unless the parts of ``tensorboard`` the mirror writes
+    with import: a check to make before anything is created or launched."""
+    _tensorboard()
 
 
-_CRC_TABLE = _crc32c_table()
-
-
-def masked_crc32c(data: bytes) -> int:
-    """The masked CRC-32C (Castagnoli) that TFRecord framing puts after length and data."""
-    crc = 0xFFFFFFFF
-    table = _CRC_TABLE
-    for byte in data:
-        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    crc ^= 0xFFFFFFFF
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+def _tensorboard() -> tuple[Any, ...]:
+    """The modules the mirror writes with: event, summary, tensor, shape and type protos,
+    and the record writer."""
+    try:
+        from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+        from tensorboard.summary.writer import record_writer
+    except ImportError as exc:
+        if (exc.name or "tensorboard").partition(".")[0] == "tensorboard":
+            raise UsageError(MISSING) from exc
+        raise UsageError(f"--tensorboard: the tensorboard package does not import: {exc}") from exc
+    return event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2, record_writer
 
 
 class TensorBoardMirror:
@@ -67,11 +67,7 @@ class TensorBoardMirror:
     """
 
     def __init__(self, logdir: str | os.PathLike[str]) -> None:
-        try:
-            from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
-        except ImportError as exc:
-            raise UsageError("--tensorboard needs the tensorboard package: pip install 'ftrain[tensorboard]'") \
-                from exc
+        event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2, record_writer = _tensorboard()
         self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
         self._tensor_pb2, self._shape_pb2, self._types_pb2 = tensor_pb2, tensor_shape_pb2, types_pb2
         self.logdir = Path(logdir)
@@ -82,6 +78,7 @@ class TensorBoardMirror:
         except OSError as exc:
             raise UsageError(f"--tensorboard {logdir}: cannot write there: {exc.strerror}") from exc
         self.path = self.logdir / name
+        self._records = record_writer.RecordWriter(self._file)   # its framing and CRC-32C
         self._step = 0              # the last step seen: the x of events that carry none
         self._flushed = time.monotonic()
         self._text_meta = summary_pb2.SummaryMetadata(
@@ -158,10 +155,7 @@ class TensorBoardMirror:
                                           summary=self._summary_pb2.Summary(value=values)))
 
     def _write(self, event: Any, flush: bool = False) -> None:
-        data = event.SerializeToString()
-        header = struct.pack("<Q", len(data))
-        self._file.write(header + struct.pack("<I", masked_crc32c(header)) + data
-                         + struct.pack("<I", masked_crc32c(data)))
+        self._records.write(event.SerializeToString())
         if flush:
             self._flush()
 

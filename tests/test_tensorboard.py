@@ -6,19 +6,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import CHILDREN, events, of, run_ftrain
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 from ftrain.errors import UsageError  # noqa: E402
-from ftrain.tensorboard import TensorBoardMirror, masked_crc32c  # noqa: E402
+from ftrain.tensorboard import MISSING, TensorBoardMirror, require_tensorboard  # noqa: E402
 
 POLICY = """
 version: 1
@@ -91,38 +91,71 @@ def test_a_crashing_job_is_mirrored_with_its_restarts(tmp_path):
 
 
 def test_the_mirror_writes_without_torch_or_tensorflow(tmp_path):
+    """Not even where TensorFlow is installed (a stand-in here, that any attempt to import
+    it would find): tensorboard's own EventFileWriter would import it."""
+    fake = tmp_path / "site" / "tensorflow"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
     code = f"""
 import sys, time
 from ftrain.tensorboard import TensorBoardMirror
-m = TensorBoardMirror({str(tmp_path)!r})
+m = TensorBoardMirror({str(tmp_path / "tb")!r})
 m.on_metrics({{"step": 1, "t": time.time(), "attempt": 1, "loss": 2.0, "note": "x", "ok": True}})
 m.on_metrics({{"ftrain": "save_start", "step": 1, "t": time.time()}})
 m.on_event({{"event": "failure", "t": time.time(), "attempt": 1, "kind": "segfault", "step": 1, "evidence": []}})
 m.close()
 m.on_metrics({{"step": 2, "t": time.time(), "loss": 1.0}})   # after close: ignored
-print(sorted(n for n in ("torch", "tensorflow", "numpy") if n in sys.modules))
+print(sorted(n for n in ("torch", "tensorflow") if n in sys.modules))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake.parent), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
     assert out.stdout.strip() == "[]", out.stderr
-    acc = load(tmp_path)
+    acc = load(tmp_path / "tb")
     assert scalars(acc, "loss") == [(1, 2.0)] and scalars(acc, "ftrain/failure") == [(1, 1.0)]
     assert set(acc.Tags()["scalars"]) == {"loss", "ftrain/failure"}
+    assert [p.name.endswith(".ftrain") for p in (tmp_path / "tb").iterdir()] == [True]
 
 
-def test_missing_tensorboard_is_a_usage_error(tmp_path):
+def _without_tensorboard(tmp_path: Path, init: str) -> dict[str, str]:
+    """An environment where ``import tensorboard`` finds a package made of ``init``."""
+    fake = tmp_path / "site" / "tensorboard"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(init)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake.parent), os.environ.get("PYTHONPATH", "")])}
+
+
+NOT_INSTALLED = "raise ModuleNotFoundError(\"No module named 'tensorboard'\", name='tensorboard')\n"
+
+
+@pytest.mark.parametrize("init, message", [
+    (NOT_INSTALLED, MISSING),
+    ("import protobuf_of_another_version\n",
+     "--tensorboard: the tensorboard package does not import: No module named 'protobuf_of_another_version'"),
+])
+def test_missing_tensorboard_is_a_usage_error(tmp_path, init, message):
     code = f"""
-import sys
-sys.modules["tensorboard"] = None
 from ftrain.errors import UsageError
-from ftrain.tensorboard import TensorBoardMirror
-try:
-    TensorBoardMirror({str(tmp_path / "tb")!r})
-except UsageError as exc:
-    print(exc)
+from ftrain.tensorboard import TensorBoardMirror, require_tensorboard
+for make in (require_tensorboard, lambda: TensorBoardMirror({str(tmp_path / "tb")!r})):
+    try:
+        make()
+    except UsageError as exc:
+        print(exc)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.stdout.strip() == "--tensorboard needs the tensorboard package: pip install 'ftrain[tensorboard]'", \
-        out.stderr
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env=_without_tensorboard(tmp_path, init))
+    assert out.stdout.splitlines() == [message, message], out.stderr
+    assert not (tmp_path / "tb").exists()
+    require_tensorboard()                 # here it is installed
+
+
+def test_run_without_tensorboard_fails_in_one_line_before_launch(tmp_path):
+    (tmp_path / "s.py").write_text("import ftrain\nprint('the script ran')\nftrain.log(0, loss=1.0)\n")
+    env = _without_tensorboard(tmp_path, NOT_INSTALLED)
+    p = run_ftrain("run", "s.py", "--run-dir", "run", "--no-ui", "--tensorboard", "tb", cwd=tmp_path,
+                   env={"PYTHONPATH": env["PYTHONPATH"]})
+    assert p.returncode == 2 and p.stderr.splitlines() == [f"ftrain: error: {MISSING}"], p.stderr
+    assert "the script ran" not in p.stdout and not (tmp_path / "run" / "attempts").exists()
     assert not (tmp_path / "tb").exists()
 
 
@@ -130,10 +163,3 @@ def test_an_unwritable_folder_is_a_usage_error(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(UsageError, match="cannot write there"):
         TensorBoardMirror(tmp_path / "file" / "tb")
-
-
-def test_record_checksums_match_tensorboards():
-    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as reference
-
-    for data in (b"", b"a", b"123456789", bytes(range(256)) * 3):
-        assert masked_crc32c(data) == reference(data)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -13,9 +14,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import events, of, run_ftrain
-from ftrain.warm import Spare
+
+from ftrain.process import Child
+from ftrain.warm import SPARE, Spare
 
 POLICY = """
 version: 1
@@ -164,7 +166,7 @@ def _reports(p) -> list[dict]:
 def _no_spare_left(script: Path) -> None:
     for proc in psutil.process_iter(["cmdline"]):
         cmd = proc.info["cmdline"] or []
-        assert not (len(cmd) > 4 and cmd[1] == "-c" and str(script) in cmd), f"spare left: {proc.pid}"
+        assert not (len(cmd) > 3 and cmd[1] == SPARE and str(script) in cmd), f"spare left: {proc.pid}"
 
 
 def test_restart_runs_in_the_spare_with_imports_done_as_python_would(setup):
@@ -206,7 +208,7 @@ def test_warm_attempt_reports_an_exception_like_a_cold_one(setup):
     out = (run_dir / "attempts/0002/output.log").read_text()
     tb = out[out.index("Traceback"):]
     assert tb.splitlines()[-1] == "ValueError: bad shape (3, 4) at step 3"
-    assert "<string>" not in tb and "ftrain/warm" not in tb      # our frames are left out
+    assert "<string>" not in tb and "ftrain/warm" not in tb and "ftrain/spare" not in tb   # our frames are left out
     assert f'File "{script}", line' in tb
     _no_spare_left(script)
 
@@ -257,9 +259,7 @@ def test_a_spare_the_oom_killer_took_is_replaced_by_a_cold_start(setup):
 
 STALE_PROBE = """
 import os, sys, site, time
-from ftrain.warm import BOOT
-ns = {"os": os, "sys": sys}
-exec(BOOT[BOOT.index("def _stale"):BOOT.index("def _oom_score_adj")], ns)
+from ftrain.spare import stale
 user_site = site.getusersitepackages()
 os.makedirs(user_site)
 os.symlink(sys.argv[1], os.path.join(user_site, "mylib"))   # flit install --symlink
@@ -267,10 +267,10 @@ sys.path.insert(0, user_site)
 import mylib
 began = time.time()
 time.sleep(0.05)
-before = ns["_stale"](began)
+before = stale(began)
 with open(os.path.join(sys.argv[1], "__init__.py"), "a") as f:
     f.write("FIXED = True\\n")
-print(before, ns["_stale"](began))
+print(before, stale(began))
 """
 
 
@@ -310,13 +310,172 @@ def test_a_spare_launch_runs_the_script_with_the_attempts_env(tmp_path):
     script.write_text("import os, sys\nprint('ran', os.environ.get('FTRAIN_ATTEMPT'), sys.argv[1:])\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("FTRAIN_")}
     spare = Spare((sys.executable, str(script)), env, tmp_path)
+    time.sleep(0.3)
+    script.write_text(script.read_text().replace("'ran'", "'ran as edited'"))   # a fix meanwhile: still warm
     log = tmp_path / "out.log"
     child = spare.launch((sys.executable, str(script), "--lr", "0.1"), {**env, "FTRAIN_ATTEMPT": "7"}, log)
     assert child is not None
     while child.pump(0.05):
         pass
     assert child.finish().returncode == 0
-    assert log.read_text() == "ran 7 ['--lr', '0.1']\n"
+    assert log.read_text() == "ran as edited 7 ['--lr', '0.1']\n"
+
+
+# What a script can see of how it was started, on stdout; a warning on stderr.
+REPORT = """\"\"\"The docstring.\"\"\"
+import json, os, sys, warnings
+warnings.warn("an old API", DeprecationWarning)
+print(json.dumps({
+    "name": __name__, "file": __file__, "doc": __doc__, "argv": sys.argv, "orig_argv": sys.orig_argv,
+    "path0": sys.path[0], "cwd": os.getcwd(), "package": __package__, "spec": repr(__spec__),
+    "cached": __cached__, "loader": [type(__loader__).__name__, __loader__.name, __loader__.path],
+    "dunders": sorted(k for k in globals() if k.startswith("__")),
+    "main_is_us": sys.modules["__main__"].__dict__ is globals(),
+    "ftrain": sorted(m for m in sys.modules if m.partition(".")[0] == "ftrain"),
+}))
+"""
+
+# A thread and an atexit handler that pickle a class of the script after its code returned.
+LATE = """
+import atexit, pickle, sys, threading, time
+
+class Config:
+    pass
+
+def late():
+    time.sleep(0.2)
+    print("thread", pickle.loads(pickle.dumps(Config())).__class__ is Config, flush=True)
+
+threading.Thread(target=late).start()
+atexit.register(lambda: print("atexit", sys.modules["__main__"].Config is Config, "__file__" in globals()))
+"""
+
+RAISES = """
+def parse(shape):
+    raise ValueError(f"bad shape {shape}")
+
+try:
+    {}["missing"]
+except KeyError:
+    parse((3, 4))
+"""
+
+AS_PLAIN = {
+    "report": REPORT,
+    "late": LATE,
+    "exception": RAISES,
+    "exit-3": "import sys\nsys.exit(3)\n",
+    "exit-message": "import sys\nprint('out', flush=True)\nsys.exit('going: bad config')\n",
+    "interrupt": "def train():\n    raise KeyboardInterrupt\n\ntrain()\n",
+    "syntax-error": "import os\nx = (1,\n",
+    "deleted": REPORT,
+    "linked": REPORT,
+}
+
+
+def _run_attempt(command, env, cwd: Path, warm: bool, before=None) -> tuple[int, str, str]:
+    """Run ``command`` as an attempt, cold (a plain Child) or in a spare: exit, stdout, stderr."""
+    out = {False: b"", True: b""}
+
+    def sink(data: bytes, is_err: bool) -> None:
+        out[is_err] += data
+
+    if warm:
+        spare = Spare(command, env, cwd)
+        time.sleep(0.3)                 # waiting, its imports done
+        if before:
+            before()
+        child = spare.launch(command, env, cwd / "warm.log", sink)
+        assert child is not None
+    else:
+        if before:
+            before()
+        child = Child(command, env=env, cwd=cwd, log_path=cwd / "cold.log", sink=sink)
+    while child.pump(0.05):
+        pass
+    return child.finish().returncode, out[False].decode(), out[True].decode()
+
+
+@pytest.mark.parametrize("case", sorted(AS_PLAIN))
+def test_a_warm_attempt_is_what_python_script_py_would_be(tmp_path, case):
+    """Output, warnings, tracebacks, exit status and what the script sees of its start:
+    the same from a spare as from `python script.py` (run from another folder)."""
+    folder = tmp_path / "proj"
+    folder.mkdir()
+    script = folder / "train.py"
+    script.write_text(AS_PLAIN[case])
+    if case == "linked":                # sys.path[0] is the real folder, __file__ the link
+        (tmp_path / "elsewhere").mkdir()
+        script = tmp_path / "elsewhere" / "train.py"
+        script.symlink_to(folder / "train.py")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FTRAIN_", "PYTHONWARNINGS"))}
+    command = (sys.executable, str(script), "--lr", "0.1")
+    before = script.unlink if case == "deleted" else None
+    results = []
+    for warm in (False, True):
+        if case == "deleted":
+            script.write_text(REPORT)
+        results.append(_run_attempt(command, env, tmp_path, warm, before))
+    cold, warm_ = results
+    if case in ("report", "linked"):   # a readable difference
+        assert json.loads(warm_[1]) == json.loads(cold[1])
+    assert warm_ == cold
+    code, out, err = cold
+    expected = {"exit-3": 3, "interrupt": -signal.SIGINT, "deleted": 2, "report": 0, "late": 0, "linked": 0}
+    assert code == expected.get(case, 1), err
+    if case in ("report", "linked"):
+        assert "DeprecationWarning: an old API" in err
+        assert json.loads(out)["path0"] == str(folder)
+    if case == "late":
+        assert out == "thread True\natexit True False\n"
+
+
+@pytest.mark.parametrize("data", ['{"b": [1, 2], "a": null}', "{not json"])
+def test_a_module_spare_runs_it_as_python_m_would(tmp_path, data):
+    """The torchrun agent's way (``python -m torch.distributed.run``), shown with a module
+    that is quicker to import."""
+    (tmp_path / "in.json").write_text(data)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FTRAIN_")}
+    command = (sys.executable, "-m", "json.tool", "--sort-keys", "in.json")
+    cold = _run_attempt(command, env, tmp_path, warm=False)
+    assert _run_attempt(command, env, tmp_path, warm=True) == cold
+    assert cold[0] == (0 if data.startswith('{"') else 1)
+
+
+EARLY = """
+import json, sys
+early = sorted(m for m in sys.modules if m.partition(".")[0] == "ftrain")
+import ftrain
+print(json.dumps({"early": early, "ftrain": ftrain.__file__}))
+"""
+
+
+def test_a_spare_imports_nothing_of_ftrain_before_the_attempt(tmp_path):
+    """Not even where the last attempt's list names it; and `ps` shows a short command
+    line that names the spare's program file, not a program's text."""
+    import ftrain
+
+    script = tmp_path / "s.py"
+    script.write_text(EARLY)
+    modules = tmp_path / "modules.txt"
+    modules.write_text("json\nftrain\nftrain.shim\nftrain.files\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FTRAIN_")}
+    command = (sys.executable, str(script))
+    spare = Spare(command, env, tmp_path, modules)
+    raw = Path(f"/proc/{spare.child.pid}/cmdline").read_bytes()
+    cmdline = raw.decode().split("\0")[:-1]
+    assert cmdline[:2] == [sys.executable, SPARE] and cmdline[3:] == [str(script), str(modules)]
+    assert SPARE == str(Path(ftrain.__file__).parent / "spare.py") and Path(SPARE).is_file()
+    assert len(raw) < 200 + len(str(tmp_path)) * 2, cmdline
+    time.sleep(0.3)
+    log = tmp_path / "out.log"
+    child = spare.launch(command, env, log)
+    assert child is not None
+    while child.pump(0.05):
+        pass
+    assert child.finish().returncode == 0, log.read_text()
+    report = json.loads(log.read_text())
+    assert report == {"early": [], "ftrain": ftrain.__file__}
 
 
 HUNG = '''
