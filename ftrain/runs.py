@@ -74,6 +74,10 @@ def start_run(*, script: str, script_args: tuple[str, ...], policy_path: Path | 
     if problems:
         raise PolicyError(problems)
     faults = _parse_inject(inject)
+    if tensorboard is not None:   # before any folder is made
+        from ftrain.tensorboard import require_tensorboard
+
+        require_tensorboard()
     spec = None
     if nproc_per_node != 1 or nnodes != 1 or rdzv_endpoint or _DIST_ENV & os.environ.keys():
         from ftrain.torchrun import DistSpec  # only then: it costs start-up time

@@ -141,7 +141,9 @@ def record_modules(st: ProcessState) -> None:
     path, st.modules_path = st.modules_path, None
     assert path is not None
     main = sys.modules.get("__main__")
-    here = os.path.dirname(os.path.abspath(getattr(main, "__file__", None) or ".")) + os.sep
+    script = os.path.abspath(getattr(main, "__file__", None) or ".")
+    # the script's own folder, as typed and as Python puts it on sys.path (symlinks resolved)
+    here = tuple({os.path.dirname(script) + os.sep, os.path.dirname(os.path.realpath(script)) + os.sep})
     names = []
     for name, module in list(sys.modules.items()):
         spec = getattr(module, "__spec__", None)
