@@ -12,9 +12,10 @@ from __future__ import annotations
 import enum
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from ftrain import ckptfmt
 
@@ -305,7 +306,7 @@ def _sha256(path: Path, stat: os.stat_result) -> str:
     key = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
     digest = _digests.get(key)
     if digest is None:
-        import hashlib   # here: loading OpenSSL is 5 ms of `ftrain run`'s start
+        import hashlib  # here: loading OpenSSL is 5 ms of `ftrain run`'s start
 
         with open(path, "rb") as f:
             digest = hashlib.file_digest(f, "sha256").hexdigest() if hasattr(hashlib, "file_digest") \
@@ -412,7 +413,8 @@ def retain(directory: str | os.PathLike[str], *, keep_last: int | None = None, k
     if keep_every:
         firsts: dict[int, int] = {}
         for c in found:
-            firsts.setdefault(c.step // keep_every, c.step)  # type: ignore[operator]
+            assert c.step is not None
+            firsts.setdefault(c.step // keep_every, c.step)
         keep |= set(firsts.values())
     if best is not None:
         winner = best_of(found, *best)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from ftrain import checkpoints, ckptfmt
 from ftrain.errors import RunDirError
@@ -234,7 +235,8 @@ def print_story(story: RunStory) -> None:
     for a in story.attempts:
         changed = {k: v for k, v in a.overrides.items() if previous.get(k) != v}
         if changed:
-            console.print(f"  attempt {a.attempt} ran with " + ", ".join(f"{k}={_fmt_v(v)}" for k, v in changed.items()))
+            console.print(f"  attempt {a.attempt} ran with "
+                          + ", ".join(f"{k}={_fmt_v(v)}" for k, v in changed.items()))
         previous = a.overrides
         if a.reason:
             console.print(f"  attempt {a.attempt}: {a.reason}")
@@ -244,7 +246,8 @@ def print_story(story: RunStory) -> None:
     color = {"succeeded": "green", "gave_up": "red", "stopped": "red"}.get(story.status, "yellow")
     goodput = "-" if story.goodput is None else f"{story.goodput:.0%}"
     console.print(f"status: [{color}]{story.status}[/] — {story.reason}")
-    console.print(f"wall time {_fmt_s(story.wall)}, goodput {goodput} (share of wall time spent on steps that were kept)")
+    console.print(f"wall time {_fmt_s(story.wall)}, goodput {goodput}"
+                  " (share of wall time spent on steps that were kept)")
     for problem in story.problems:
         console.print(f"[yellow]note:[/] {problem}")
 
@@ -308,9 +311,10 @@ def _pinned_best(path: Path, found: Sequence[checkpoints.Checkpoint]) -> checkpo
     return checkpoints.best_of(found, keep.keep_best_metric, keep.keep_best_mode)
 
 
-def _size(n: int | None) -> str:
-    if n is None:
+def _size(size: int | None) -> str:
+    if size is None:
         return "-"
+    n = float(size)
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

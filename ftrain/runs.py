@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ftrain import overrides
 from ftrain.errors import ConfigError, PolicyError, RunDirError, UsageError

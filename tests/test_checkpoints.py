@@ -7,18 +7,19 @@ import contextlib
 import errno
 import json
 import os
+import pickle
 import random
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 import ftrain
-from ftrain import checkpoints
 from ftrain.checkpoints import Checkpoint, CheckpointStatus, newest_usable, quarantine, scan
 from ftrain.shim import CheckpointError
 
@@ -217,7 +218,7 @@ def test_without_crc32_a_flipped_tensor_byte_is_still_caught_by_the_sha256(ckdir
 
 
 def test_a_save_that_fails_before_writing_restores_the_crc32_setting(ckdir: Path) -> None:
-    with pytest.raises(Exception):
+    with pytest.raises((pickle.PicklingError, AttributeError)):
         ftrain.save_checkpoint({"w": torch.zeros(3), "f": lambda: None}, 10)    # a lambda does not pickle
     assert torch.serialization.get_crc32_options() is True
     assert list(ckdir.iterdir()) == []
