@@ -15,9 +15,11 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 from ftrain import ckptfmt
+from ftrain.files import read_bounded
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
 _DIGEST_CACHE_MAX = 4096
@@ -212,10 +214,12 @@ def _verified(data: Path, manifest: Path, step: int | None, *, verify: bool) -> 
         stat = os.stat(data)
     except OSError as exc:
         return result(CheckpointStatus.CORRUPT, 0, f"cannot read the data file: {exc.strerror}")
+    if not _stays_inside(data) or not S_ISREG(stat.st_mode):
+        return result(CheckpointStatus.CORRUPT, 0, "the data file is not a regular file of this folder")
     if problem is not None:
         return result(CheckpointStatus.CORRUPT, stat.st_size, problem)
     expected_size, expected_sha = meta.get("bytes"), meta.get("sha256")
-    if meta.get("step") != step:
+    if type(meta.get("step")) is not int or meta.get("step") != step:
         return result(CheckpointStatus.CORRUPT, stat.st_size,
                       f"the manifest is of step {meta.get('step')!r}, the file name says {step}")
     if stat.st_size != expected_size:
@@ -232,18 +236,30 @@ def _verified(data: Path, manifest: Path, step: int | None, *, verify: bool) -> 
     return result(CheckpointStatus.OK, stat.st_size)
 
 
+MANIFEST_LIMIT = 4 << 20   # a manifest is a few hundred bytes (its metrics included)
+
+
+def _stays_inside(path: Path) -> bool:
+    """``path`` is no symlink that leads out of its own folder."""
+    return os.path.dirname(os.path.realpath(path)) == os.path.realpath(path.parent)
+
+
 def _read_manifest(path: Path) -> tuple[dict[str, Any], str | None]:
-    """The manifest's fields, and a problem in words if it cannot be trusted."""
+    """The manifest's fields, and a problem in words if it cannot be trusted (typed: a field
+    of the wrong type makes the checkpoint ``corrupt``, never an exception)."""
     try:
-        meta = json.loads(path.read_bytes())
+        meta = json.loads(read_bounded(path, MANIFEST_LIMIT, inside=path.parent))
     except OSError as exc:
-        return {}, f"cannot read the manifest: {exc.strerror}"
-    except ValueError as exc:
-        return {}, f"the manifest is not JSON: {exc}"
+        return {}, f"cannot read the manifest: {exc.strerror or exc}"
+    except (ValueError, RecursionError) as exc:
+        return {}, f"the manifest is not JSON: {str(exc)[:120]}"
     if not isinstance(meta, dict):
         return {}, "the manifest is not a JSON object"
-    if not isinstance(meta.get("bytes"), int) or not isinstance(meta.get("sha256"), str):
+    size, sha = meta.get("bytes"), meta.get("sha256")
+    if type(size) is not int or size < 0 or not isinstance(sha, str):
         return meta, "the manifest lacks bytes or sha256"
+    if len(sha) != 64 or not all(c in "0123456789abcdef" for c in sha):
+        return meta, f"the manifest's sha256 is not a digest: {sha[:80]!r}"
     return meta, None
 
 

@@ -11,11 +11,11 @@ import enum
 import json
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ftrain.errors import RunDirError
+from ftrain.files import TooLarge, read_bounded
 
 JOURNAL_VERSION = 1
 
@@ -84,24 +84,125 @@ class Journal:
             self._fd = -1
 
 
+JOURNAL_LIMIT = 256 << 20   # a journal is a few KB per attempt; more is not one of ours
+
+
 def read_journal(path: Path) -> list[dict[str, Any]]:
-    """All intact events; a torn or garbled line is skipped. RunDirError if unreadable."""
+    """All intact events, each checked against its event's field types (DESIGN §4): a known
+    field of the wrong type is a ``RunDirError`` naming the file, line, event and field. A
+    line that is not JSON (a torn write, terminated by the next open) is skipped; an event
+    of a name this version does not know is kept unchecked. Bounded and regular files only."""
     try:
-        data = Path(path).read_bytes()
+        data = read_bounded(path, JOURNAL_LIMIT)
     except FileNotFoundError:
         raise RunDirError(f"{path}: no journal (is this a run folder?)") from None
+    except TooLarge as exc:
+        raise RunDirError(f"{path}: not a journal ({exc})") from None
     except OSError as exc:
-        raise RunDirError(f"{path}: cannot read journal: {exc.strerror}") from exc
-    return list(_parse(data))
-
-
-def _parse(data: bytes) -> Iterator[dict[str, Any]]:
-    for raw in data.split(b"\n"):
+        raise RunDirError(f"{path}: cannot read journal: {exc.strerror or exc}") from exc
+    events: list[dict[str, Any]] = []
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
         if not raw.strip():
             continue
         try:
             record = json.loads(raw)
         except ValueError:
             continue
-        if isinstance(record, dict) and "event" in record:
-            yield record
+        if not isinstance(record, dict) or "event" not in record:
+            continue
+        problem = check_event(record)
+        if problem:
+            raise RunDirError(f"{path}:{lineno}: {record.get('event')}: {problem}"[:300])
+        events.append(record)
+    return events
+
+
+# --------------------------------------------------------------------------- the event types
+def _int(v: Any) -> bool:
+    return type(v) is int
+
+
+def _num(v: Any) -> bool:
+    return type(v) in (int, float)
+
+
+def _str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _bool(v: Any) -> bool:
+    return type(v) is bool
+
+
+def _obj(v: Any) -> bool:
+    return isinstance(v, dict)
+
+
+def _strs(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _list(v: Any) -> bool:
+    return isinstance(v, list)
+
+
+def _any(v: Any) -> bool:
+    return True
+
+
+_NAMES = {_int: "an integer", _num: "a number", _str: "a string", _bool: "true or false", _obj: "an object",
+          _strs: "a list of strings", _list: "a list"}
+
+# Field -> type, per event: what the supervisor writes (None is allowed for every field but
+# the required ones). Fields not listed are kept as they are (a newer minor version's).
+_REQUIRED: dict[str, tuple[str, ...]] = {
+    "attempt_start": ("attempt",), "failure": ("attempt", "kind"), "decision": ("attempt", "action"),
+    "attempt_end": ("attempt",), "run_end": ("status",),
+}
+_FIELDS: dict[str, dict[str, Any]] = {
+    "run_start": {"journal_version": _int, "ftrain": _str, "script": _str, "command": _strs, "policy": _str,
+                  "config": _str, "inject": _str},
+    "attempt_start": {"attempt": _int, "pid": _int, "host": _str, "command": _strs, "warm": _bool,
+                      "config_path": _str, "overrides": _obj, "resume_from": _str, "resume_step": _int,
+                      "skip_steps": _strs, "inject": _str},
+    "anomaly": {"attempt": _int, "kind": _str, "step": _int, "metric": _str, "value": _any, "reason": _str,
+                "evidence": _strs, "action": _str},
+    "failure": {"attempt": _int},
+    "decision": {"attempt": _int, "failure_step": _int},
+    "attempt_end": {"attempt": _int, "exit_code": _int, "signal": _str, "kind": _str, "first_step": _int,
+                    "last_step": _int, "max_step": _int, "steps": _int, "injected": _list,
+                    "stop_requested": _bool, "no_progress_streak": _int, "strays_killed": _int,
+                    "supervisor_lost": _bool, "orphan_stopped": _any},
+    "run_end": {"status": _str, "reason": _str, "exit_code": _int, "attempts": _int, "restarts": _int},
+}
+
+
+def check_event(record: dict[str, Any]) -> str | None:
+    """What is wrong with one journal record, or None. ``failure`` and ``decision`` records
+    are decoded by ``Failure.from_json``/``Decision.from_json`` themselves."""
+    name = record.get("event")
+    if not isinstance(name, str):
+        return f"event: expected a string, got {name!r}"
+    if not _num(record.get("t")):
+        return f"t: expected a number, got {record.get('t')!r}"
+    fields = _FIELDS.get(name)
+    if fields is None:
+        return None
+    for key in _REQUIRED.get(name, ()):
+        if record.get(key) is None:
+            return f"{key}: missing"
+    for key, ok in fields.items():
+        value = record.get(key)
+        if value is not None and not ok(value):
+            return f"{key}: expected {_NAMES[ok]}, got {value!r}"
+    if name == "run_end" and record["status"] not in {s.value for s in RunStatus}:
+        return f"status: not a run status: {record['status']!r}"
+    if name in ("failure", "decision"):
+        from ftrain.kinds import Failure
+        from ftrain.policy import Decision
+
+        try:
+            (Failure if name == "failure" else Decision).from_json(record)
+        except ValueError as exc:
+            return str(exc)
+    return None

@@ -16,6 +16,7 @@ import yaml
 
 from ftrain.detect import DetectSpec, HangSpec, NonfiniteSpec, SpikeSpec, ThresholdSpec, parse_duration
 from ftrain.errors import PolicyError
+from ftrain.files import read_bounded
 from ftrain.kinds import ANOMALY_KINDS, FailureKind
 from ftrain.overrides import OverrideSpec, compose_and_load, describe_yaml_error
 from ftrain.policy import Action, Backoff, CheckpointRetention, Policy, Rule
@@ -40,13 +41,16 @@ def default_policy_path() -> Path:
     return Path(__file__).with_name("policy.default.yaml")
 
 
+POLICY_LIMIT = 1 << 20   # a policy is a page or two of YAML
+
+
 def load_policy(path: Path | None) -> Policy:
     """Read and validate a policy file (None: the built-in default)."""
     if path is None:
         text = default_policy_path().read_text()
         return _replace(parse_policy(text, DEFAULT_SOURCE), lenient_keys=True, text=text)
     try:
-        text = Path(path).read_text()
+        text = read_bounded(path, POLICY_LIMIT).decode()
     except FileNotFoundError:
         raise PolicyError([f"{path}: policy file not found"]) from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -58,7 +62,7 @@ def load_policy_copy(copy: Path, source: str) -> Policy:
     """The copy of a run's policy kept in its folder (``policy.yaml``), read as the file it
     was copied from (``source``, named in messages); the built-in default stays lenient."""
     try:
-        text = Path(copy).read_text()
+        text = read_bounded(copy, POLICY_LIMIT, inside=Path(copy).parent).decode()
     except (OSError, UnicodeDecodeError) as exc:
         raise PolicyError([f"{copy}: cannot read the run's policy copy: {getattr(exc, 'strerror', None) or exc}"]) \
             from exc

@@ -293,16 +293,13 @@ def print_checkpoints(path: Path, found: Sequence[checkpoints.Checkpoint]) -> No
 
 def _pinned_best(path: Path, found: Sequence[checkpoints.Checkpoint]) -> checkpoints.Checkpoint | None:
     """The checkpoint the run's ``keep_best`` pins, when ``path`` is a run's checkpoint folder."""
-    run_json = path.parent / "run.json"
-    try:
-        source = json.loads(run_json.read_text()).get("policy")
-    except (OSError, ValueError, AttributeError):
-        return None
     from ftrain.errors import FtrainError
-    from ftrain.policyfile import load_policy
+    from ftrain.rundir import read_run_json, read_run_policy
 
+    if not (path.parent / "run.json").is_file():
+        return None
     try:
-        policy = load_policy(None if not source or str(source).startswith("<") else Path(source))
+        policy = read_run_policy(path.parent, read_run_json(path.parent))
     except FtrainError:
         return None
     keep = policy.checkpoints

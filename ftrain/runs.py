@@ -18,13 +18,14 @@ from typing import Any
 
 from ftrain import overrides
 from ftrain.errors import ConfigError, PolicyError, RunDirError, UsageError
-from ftrain.files import read_bounded, write_atomic
+from ftrain.files import write_atomic
 from ftrain.inject import Fault, parse_inject
 from ftrain.journal import JOURNAL_VERSION, Event, read_journal
 from ftrain.launch import LaunchSpec, build_command, make_launcher
 from ftrain.policy import Policy
-from ftrain.policyfile import DEFAULT_SOURCE, load_policy, load_policy_copy
+from ftrain.policyfile import load_policy
 from ftrain.process import become_subreaper
+from ftrain.rundir import POLICY_COPY, read_run_json, read_run_policy
 from ftrain.script import SHIM, Script
 from ftrain.state import RunState, remove_fault
 from ftrain.supervisor import Reporter, Supervisor, check_fresh_run_dir, new_run_dir
@@ -32,7 +33,6 @@ from ftrain.topology import Single, Topology
 from ftrain.view import make_reporter
 
 RUNS_DIR = Path("runs")
-POLICY_COPY = "policy.yaml"
 # torchrun's and Slurm's variables that make a plain `ftrain run` a distributed one
 _DIST_ENV = {"PET_NPROC_PER_NODE", "PET_NNODES", "SLURM_STEP_NUM_NODES"}
 
@@ -150,22 +150,6 @@ def newest_run(base: Path = RUNS_DIR) -> Path:
     return max(candidates, key=lambda p: (p / "journal.jsonl").stat().st_mtime)
 
 
-def read_run_json(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "run.json"
-    if not run_dir.is_dir():
-        raise RunDirError(f"{run_dir}: no such folder")
-    try:
-        data = json.loads(read_bounded(path, 16 << 20, inside=run_dir))
-    except FileNotFoundError:
-        raise RunDirError(f"{run_dir}: not a run folder (no run.json)") from None
-    except (OSError, ValueError) as exc:
-        raise RunDirError(f"{path}: unreadable: {exc}") from exc
-    if not isinstance(data, dict) or not isinstance(data.get("command"), list) or not data["command"] \
-            or not all(isinstance(a, str) for a in data["command"]):
-        raise RunDirError(f"{path}: not an ftrain run.json")
-    return data
-
-
 def fired_injections(metrics_path: Path) -> list[tuple[str, int | None]]:
     """Faults the shim reported firing, from the metrics stream (covers an attempt whose
     supervisor died before journaling its end). Read in chunks: the stream may be large."""
@@ -192,16 +176,6 @@ def fired_injections(metrics_path: Path) -> list[tuple[str, int | None]]:
     return fired
 
 
-def _resume_policy(run_dir: Path, info: dict[str, Any]) -> Policy:
-    """The run's own policy: its copy in the run folder, read as the file it came from."""
-    source = info.get("policy")
-    source = source if isinstance(source, str) and source else DEFAULT_SOURCE
-    copy = run_dir / POLICY_COPY
-    if copy.is_file():
-        return load_policy_copy(copy, source)
-    return load_policy(None if source.startswith("<") else Path(source))   # a run of an older ftrain
-
-
 def resume_run(run_dir: Path | None, *, max_restarts: int | None, no_ui: bool) -> int:
     """Continue a run from its journal. Returns the exit status."""
     run_dir = (run_dir if run_dir is not None else newest_run()).absolute()
@@ -215,9 +189,9 @@ def resume_run(run_dir: Path | None, *, max_restarts: int | None, no_ui: bool) -
     if type(version) is not int or version > JOURNAL_VERSION:
         raise RunDirError(f"{run_dir}: written by a newer ftrain (journal version {version!r}); "
                           "upgrade ftrain to resume it")
-    policy = _resume_policy(run_dir, info)
-    faults = _parse_inject(info.get("inject"))
-    base = info.get("base_config") or {}
+    policy = read_run_policy(run_dir, info)
+    faults = _parse_inject(info.inject)
+    base = info.base_config
     try:
         state = RunState.replay(events, base, faults)
     except (ValueError, TypeError, ConfigError) as exc:   # ConfigError: an override no longer applies
@@ -238,22 +212,19 @@ def resume_run(run_dir: Path | None, *, max_restarts: int | None, no_ui: bool) -
         state.rule_uses.clear()
         state.no_progress_streak = 0
 
-    cwd = Path(info.get("cwd") or ".")
-    launch = LaunchSpec(command=tuple(info["command"]), cwd=cwd, base_config=base, script=info.get("script", ""),
-                        script_args=tuple(info.get("args") or ()), config_path=info.get("config_path"),
-                        sets=info.get("sets") or {})
-    created = info.get("created")
-    script_side = make_script(policy, state.config, cwd=cwd, run_dir=run_dir,
-                              started=float(created) if isinstance(created, (int, float)) else None)
-    tb = info.get("tensorboard")
+    cwd = Path(info.cwd or ".")
+    launch = LaunchSpec(command=info.command, cwd=cwd, base_config=base, script=info.script,
+                        script_args=info.args, config_path=info.config_path, sets=info.sets)
+    script_side = make_script(policy, state.config, cwd=cwd, run_dir=run_dir, started=info.created)
+    tb = info.tensorboard
     become_subreaper()
     spec, job_dir = None, run_dir
-    if info.get("distributed"):
+    if info.distributed:
         from ftrain.topology import job_dir_of
         from ftrain.torchrun import DistSpec
 
         try:
-            spec = DistSpec.from_json(info["distributed"])
+            spec = DistSpec.from_json(info.distributed)
         except (ValueError, TypeError) as exc:
             raise RunDirError(f"{run_dir / 'run.json'}: distributed: {exc}") from exc
         job_dir = job_dir_of(spec, run_dir)
