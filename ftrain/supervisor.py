@@ -50,6 +50,7 @@ from ftrain.script import SHIM, Script
 from ftrain.state import RunState, remove_fault
 from ftrain.tail import Tailer
 from ftrain.topology import Single, Topology
+from ftrain.view import Progress, total_steps
 
 __all__ = ["ExitCode", "Listener", "Reporter", "RunLock", "Supervisor", "check_fresh_run_dir", "new_run_dir"]
 
@@ -84,8 +85,7 @@ class Reporter(Protocol):
 
     def output(self, data: bytes, is_err: bool) -> None: ...
     def event(self, message: str, *, level: str = "info") -> None: ...
-    def status(self, attempt: int, step: int | None, metrics: Mapping[str, Any], rate: float | None,
-               last_event: str) -> None: ...
+    def status(self, progress: Progress) -> None: ...
     def close(self) -> None: ...
 
 
@@ -147,6 +147,7 @@ class Supervisor:
         self._child: Child | None = None
         self._signal: int | None = None
         self._last_event = ""
+        self._total: int | None = None   # the job's length, when its config says (the live view's ETA)
         self._attempt_no = 0
         self.journal: Journal | None = None
 
@@ -378,6 +379,7 @@ class Supervisor:
         attempt_dir.mkdir(parents=True, exist_ok=True)
         config_path = attempt_dir / "config.yaml"
         config_path.write_text(overrides.dump_config(self.state.config))
+        self._total = total_steps(self.state.config)
         env = self._child_env(n, config_path)
         command = self.topology.wrap(self.launch.command, n, attempt_dir)
         command = self.script.command(command, self.state.config, self.state.resume_from)
@@ -470,7 +472,8 @@ class Supervisor:
                 return None, True
             if now - last_status >= STATUS_EVERY:
                 last_status = now
-                self.report.status(n, watch.last_step, watch.metrics, watch.rate, self._last_event)
+                self.report.status(Progress(n, watch.last_step, watch.metrics, watch.rate, self._total,
+                                            self.state.restarts, self.policy.max_restarts, self._last_event))
             if child.woken and watch.steps != seen:
                 time.sleep(COALESCE)  # let a busy stream gather: one look per COALESCE, not per line
         return None, False

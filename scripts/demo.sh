@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -d .venv ] || python3 -m venv .venv
 . .venv/bin/activate
-python -m pip install -q torch==2.13.0
+python -m pip install -q torch==2.13.0 numpy   # numpy: torch warns on every start without it
 python -m pip install -q -e .
 run="runs/demo-$(date +%Y%m%d-%H%M%S)"
 set +e

@@ -25,6 +25,7 @@ from ftrain.policyfile import parse_policy
 from ftrain.process import OutputSink
 from ftrain.supervisor import Supervisor
 from ftrain.topology import Single, Verdict
+from ftrain.view import Progress
 
 K = FailureKind
 NAN = Anomaly(K.NONFINITE, 20, "loss", math.nan, "loss = nan at step 20", ('{"step": 20, "loss": NaN}',))
@@ -110,8 +111,7 @@ class Reports:
     def event(self, message: str, *, level: str = "info") -> None:
         self.lines.append(message)
 
-    def status(self, attempt: int, step: int | None, metrics: Mapping[str, Any], rate: float | None,
-               last_event: str) -> None:
+    def status(self, progress: Progress) -> None:
         pass
 
     def close(self) -> None:
