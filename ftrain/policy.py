@@ -299,7 +299,7 @@ class Policy:
                 limit = min(limit, (prev_resumed if prev_resumed is not None else 0) - 1)
         chosen = next((c for c in reversed(usable) if c.step <= limit), None)  # type: ignore[operator]
         skip = ((at, at + rule.skip_steps - 1),) if rule.skip_steps > 0 else ()
-        skip_text = f"; skip steps {at}-{at + rule.skip_steps - 1}" if skip else ""
+        skip_text = _skip_text(at, rule.skip_steps, history.config) if skip else ""
         if chosen is None:
             where = f"from scratch: no usable checkpoint at or before step {limit}"
         else:
@@ -309,3 +309,16 @@ class Policy:
                         resume_step=chosen.step if chosen else None, skip=skip,
                         quarantine_after=chosen.step if chosen else -1,
                         reason=f"{kind.value}: {rule.label()}: roll back {where}{skip_text}{suffix}")
+
+
+def _skip_text(at: int, count: int, config: Mapping[str, Any]) -> str:
+    """The skip window in words: how many steps, and whether it reaches past the job's end."""
+    from ftrain.view import total_steps
+
+    text = f"; skip steps {at}-{at + count - 1} ({count} steps)"
+    total = total_steps(config)
+    if total is not None and at + count > total:
+        left = max(total - at, 0)
+        text += (f"; WARNING: the window reaches past the job's end (step {total - 1}): "
+                 f"all {left} steps left are skipped, {left / total:.0%} of the job")
+    return text

@@ -300,8 +300,8 @@ class Supervisor:
                 self._end_attempt(n, exit_, watch, failure)
                 if self._signal is None:
                     return self._end_run(RunStatus.SUCCEEDED,
-                                         f"the script finished (attempt {n}, last step {watch.last_step})",
-                                         ExitCode.SUCCEEDED)
+                                         f"the script finished (attempt {n}, last step {watch.last_step})"
+                                         + self._skipped_text(), ExitCode.SUCCEEDED)
                 return self._interrupted("the script was asked to stop")
 
             decision = verdict.decision
@@ -363,6 +363,23 @@ class Supervisor:
             no_progress_streak=self.state.no_progress_streak,
             strays_killed=exit_.strays_killed if exit_ else 0,
         )
+
+    def _skipped_text(self) -> str:
+        """The steps the run's rollbacks skipped, in words (a success that skipped much says so)."""
+        windows = sorted(self.state.skip)
+        merged: list[list[int]] = []
+        for a, b in windows:
+            if merged and a <= merged[-1][1] + 1:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        if self._total is not None:
+            merged = [[a, min(b, self._total - 1)] for a, b in merged if a < self._total]
+        count = sum(b - a + 1 for a, b in merged)
+        if not count:
+            return ""
+        share = f", {count / self._total:.0%} of the job" if self._total else ""
+        return f"; {count} steps skipped by rollbacks ({format_skip([(a, b) for a, b in merged])}{share})"
 
     def _end_run(self, status: RunStatus, reason: str, code: int) -> int:
         self._event(Event.RUN_END, status=status.value, reason=reason, exit_code=int(code),
