@@ -15,7 +15,8 @@ TYPE_CHECKING = False   # typing itself costs milliseconds at import; annotation
 if TYPE_CHECKING:
     from typing import Any
 
-__all__ = ["config", "is_supervised", "load_checkpoint", "log", "save_checkpoint", "should_skip", "should_stop"]
+__all__ = ["config", "is_supervised", "load_checkpoint", "log", "save_checkpoint", "should_skip", "should_stop",
+           "snapshot"]
 __version__ = "0.1.0"
 
 if os.environ.get("FTRAIN_RUN_DIR"):
@@ -27,6 +28,7 @@ if os.environ.get("FTRAIN_RUN_DIR"):
         save_checkpoint,
         should_skip,
         should_stop,
+        snapshot,
     )
 
 

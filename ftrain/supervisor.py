@@ -42,6 +42,7 @@ from ftrain.intake import AttemptWatch, Intake, Talk
 from ftrain.journal import JOURNAL_VERSION, Event, Journal, RunStatus, read_journal
 from ftrain.kinds import Failure, FailureKind
 from ftrain.launch import Launcher, LaunchSpec, make_launcher
+from ftrain.memtier import MemoryTier, promote_newest, snapshot_limit
 from ftrain.outcome import AttemptOutcome
 from ftrain.policy import Action, Decision, Policy
 from ftrain.process import Child, Exit, stop_leftover
@@ -150,6 +151,7 @@ class Supervisor:
         self._total: int | None = None   # the job's length, when its config says (the live view's ETA)
         self._attempt_no = 0
         self.journal: Journal | None = None
+        self.memory = MemoryTier(self.run_dir)   # ftrain.snapshot's host memory, one per node
 
     # ------------------------------------------------------------------ lifecycle
     def run(self, *, resuming: bool = False) -> int:
@@ -164,6 +166,7 @@ class Supervisor:
             previous = {sig: signal.signal(sig, self._on_signal)
                         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
             self.topology.open()
+            self.memory.open()
             if not resuming:
                 self._write_run_json()
                 self._event(Event.RUN_START, journal_version=JOURNAL_VERSION, ftrain=__version__,
@@ -194,6 +197,7 @@ class Supervisor:
                 self._talk.close()
             if self.journal is not None:
                 self.journal.close()
+            self.memory.release()
             lock.release()
 
     def _internal_error(self, exc: BaseException) -> int:
@@ -242,9 +246,20 @@ class Supervisor:
             self._event(Event.ATTEMPT_END, attempt=self.open_attempt.get("attempt"), exit_code=None,
                         signal=None, kind=None, supervisor_lost=True, orphan_stopped=stopped,
                         no_progress_streak=self.state.no_progress_streak)
+        if self.open_attempt is not None:
+            self._promote_snapshot(None)   # the dead supervisor's attempt may have left one
         newest = self.script.usable(self.checkpoint_dir, self.state.set_aside)
         if newest:
             self.state.resume_from, self.state.resume_step = str(newest[-1].path), newest[-1].step
+
+    def _promote_snapshot(self, failure: Failure | None) -> None:
+        """Make the newest snapshot the decision may use an ordinary checkpoint (DESIGN §3)."""
+        newest = self.script.usable(self.checkpoint_dir, self.state.set_aside)
+        promoted = promote_newest(self.memory, self.checkpoint_dir, at_most=snapshot_limit(failure, self.policy),
+                                  newer_than=newest[-1].step if newest else None)
+        if promoted is not None:
+            self._say(f"snapshot of step {promoted.step} kept as {promoted.path.name} "
+                      f"({promoted.bytes / 1e6:.1f} MB in {promoted.seconds * 1e3:.0f} ms)")
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         # SIGUSR1 is the usual Slurm pre-timeout notice (--signal=USR1@90): treat as preemption.
@@ -296,6 +311,8 @@ class Supervisor:
             for kind, step in watch.fired:
                 self.state.inject = remove_fault(self.state.inject, kind, step)
 
+            if failure is not None and verdict.must_decide:
+                self._promote_snapshot(failure)
             if failure is None or self._signal is not None:
                 self._end_attempt(n, exit_, watch, failure)
                 if self._signal is None:
@@ -568,6 +585,7 @@ class Supervisor:
             env["FTRAIN_SKIP_STEPS"] = format_skip(self.state.skip)
         if self.state.inject:
             env["FTRAIN_INJECT"] = format_inject(self.state.inject)
+        env.update(self.memory.env())
         return env
 
 

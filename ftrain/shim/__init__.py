@@ -60,6 +60,7 @@ __all__ = [
     "save_checkpoint",
     "should_skip",
     "should_stop",
+    "snapshot",
 ]
 
 
@@ -114,6 +115,23 @@ class ProcessState:
         self.last_snapshot: Any = None   # kept after its save: the next one copies into it
         self.save_error: BaseException | None = None
         self.save_error_step: int | None = None
+        # ftrain.snapshot: the supervisor's memory tier and the blocking budget (shim/snapshot.py)
+        self.memory_dir = env.get("FTRAIN_MEMORY_DIR") or None
+        self.snapshot_overhead = _share(env.get("FTRAIN_SNAPSHOT_OVERHEAD"), 0.02)
+        self.snapshot_thread: threading.Thread | None = None
+        self.snapshot_copy: Any = None
+        self.snapshot_next_at = -math.inf
+        self.snapshot_blocked: list[float] = []
+        self.snapshot_steady = False   # a copy into the last one's memory has been timed
+        self.snapshot_failed = False
+
+
+def _share(text: str | None, default: float) -> float:
+    try:
+        value = float(text) if text else default
+    except ValueError:
+        return default
+    return value if 0 < value <= 1 else default
 
 
 _st = ProcessState(os.environ)
@@ -234,6 +252,20 @@ def save_checkpoint(state: Any, step: int, *, metrics: Mapping[str, Any] | None 
     return writer.save(st, state, step, st.last_metrics if metrics is None else metrics, blocking=blocking)
 
 
+def snapshot(state: Any, step: int) -> bool:
+    """Put a copy of ``state`` (tensors, nested dicts/lists, plain values) at ``step`` in the
+    supervisor's memory tier, where it survives a crash of this process; cheap enough to
+    call every step. True when a snapshot was started; False at once when the previous one
+    is still being written, when the ``checkpoints.snapshot_overhead`` budget says too soon,
+    on a rank other than 0, or without the supervisor. Save the step with the state, as for
+    ``save_checkpoint``: a restart may resume from the snapshot (``load_checkpoint``)."""
+    if _st.memory_dir is None:
+        return False
+    from ftrain.shim import snapshots
+
+    return snapshots.take(_st, state, step)
+
+
 def load_checkpoint(path: str | os.PathLike[str] | None = None, *, weights_only: bool = True,
                     map_location: Any = "cpu") -> Any:
     """Load ``path`` (default ``FTRAIN_RESUME_FROM``) with ``torch.load``; None if neither.
@@ -275,6 +307,10 @@ def _wait_for_save(*, raise_error: bool) -> None:
 
 def _at_exit() -> None:
     _wait_for_save(raise_error=False)
+    if _st.snapshot_thread is not None:
+        from ftrain.shim import snapshots
+
+        snapshots.wait(_st)
     if _st.save_error is not None:
         print(f"ftrain: the background save of step {_st.save_error_step} failed: {one_line(_st.save_error)}",
               file=sys.stderr, flush=True)

@@ -1,0 +1,148 @@
+"""``ftrain.snapshot``: a copy of the training state in host memory that outlives the process.
+
+The supervisor owns a folder in host shared memory (``FTRAIN_MEMORY_DIR``, on /dev/shm: its
+files live in RAM and belong to no process, so a segfault, abort, SIGKILL or OOM kill of
+this one leaves them). A snapshot copies the state to the CPU (the blocking part: into the
+previous snapshot's tensors when their shapes match, no page faults), then a background
+thread writes it there under the checkpoint names of ``ftrain.ckptfmt`` — the data through
+the same hashing writer as a durable save but with no fsync (RAM has nothing to flush),
+renamed into place, then its manifest — and removes the snapshot before it. At most one
+is in flight and the folder holds at most two (the newest complete, the one being
+written). The supervisor promotes the newest usable one into ``checkpoints/`` when an
+attempt fails (``ftrain.memtier``).
+
+The budget: a snapshot blocks for ``b`` seconds (the median of the last five); the next is
+allowed only once ``b / overhead`` seconds have passed (``FTRAIN_SNAPSHOT_OVERHEAD``, the policy's
+``checkpoints.snapshot_overhead``, 2 % by default), so the blocking share of training time
+stays under the budget whatever the step time. A call refused by it, or while the last is
+still being written, returns False at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+from ftrain import ckptfmt
+from ftrain.shim.metrics import one_line, plain_metrics, write_all
+from ftrain.shim.writer import HashingWriter, _save_without_crc32, cpu_copy, snapshot_pool
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from ftrain.shim import ProcessState
+
+__all__ = ["take"]
+
+DEFAULT_OVERHEAD = 0.02
+
+
+def take(st: ProcessState, state: Any, step: int) -> bool:
+    """One snapshot of ``state`` at ``step``, if the budget allows it now; see the module."""
+    directory = st.memory_dir
+    if directory is None or st.rank != 0:
+        return False
+    thread = st.snapshot_thread
+    if thread is not None:
+        if thread.is_alive():
+            return False
+        thread.join()
+        st.snapshot_thread = None
+    now = time.monotonic()
+    if now < st.snapshot_next_at or st.snapshot_failed:
+        return False
+    import torch
+
+    started = time.perf_counter()
+    pooled = st.snapshot_copy is not None
+    pool = snapshot_pool(st.snapshot_copy, torch) if pooled else None
+    st.snapshot_copy = None
+    copy = st.snapshot_copy = cpu_copy(state, torch, pool)
+    del pool
+    blocked = time.perf_counter() - started
+    # The spacing follows the median of the last few copies: one copy stretched by the
+    # scheduler (a busy machine) must not stop snapshots for many steps.
+    # The first copy pays a page fault per 4 KiB of new memory; the ones after it copy into
+    # that memory, so the first does not count unless it is all there is.
+    if pooled and not st.snapshot_steady:
+        st.snapshot_steady, st.snapshot_blocked = True, []
+    if pooled or not st.snapshot_steady:
+        st.snapshot_blocked = (st.snapshot_blocked + [blocked])[-5:]
+    recent = st.snapshot_blocked
+    st.snapshot_next_at = now + sorted(recent)[len(recent) // 2] / st.snapshot_overhead
+    info = {"step": step, "attempt": st.attempt, "t": time.time(), "tier": "memory",
+            "metrics": plain_metrics(st.last_metrics, "ftrain.snapshot"), "blocked_s": round(blocked, 6)}
+    st.snapshot_thread = threading.Thread(target=_write, args=(st, copy, directory, step, info),
+                                          name=f"ftrain-snapshot-{step}", daemon=True)
+    st.snapshot_thread.start()
+    return True
+
+
+def _write(st: ProcessState, copy: Any, directory: str, step: int, info: dict[str, Any]) -> None:
+    """The background half: data (hashed) → rename → manifest → rename → drop the older one."""
+    import torch
+
+    pid = os.getpid()
+    data = os.path.join(directory, ckptfmt.data_name(step))
+    data_tmp = os.path.join(directory, ckptfmt.temp_name(ckptfmt.data_name(step), pid))
+    manifest = os.path.join(directory, ckptfmt.manifest_name(step))
+    manifest_tmp = os.path.join(directory, ckptfmt.temp_name(ckptfmt.manifest_name(step), pid))
+    try:
+        fd = os.open(data_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        writer = HashingWriter(fd)
+        writer.WRITEBACK_EVERY = 1 << 62   # RAM: nothing to write back
+        try:
+            _save_without_crc32(torch, copy, writer)
+            writer.flush()
+        finally:
+            writer.close()
+            os.close(fd)
+        if os.path.lexists(manifest):
+            os.unlink(manifest)
+        os.replace(data_tmp, data)
+        body = dict(info, bytes=writer.size, sha256=writer.hexdigest())
+        fd = os.open(manifest_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            write_all(fd, memoryview((json.dumps(body) + "\n").encode()))
+        finally:
+            os.close(fd)
+        os.replace(manifest_tmp, manifest)
+    except BaseException as exc:  # noqa: BLE001 - a full /dev/shm must not stop training: say it once
+        for leftover in (data_tmp, manifest_tmp):
+            try:
+                os.unlink(leftover)
+            except OSError:
+                pass
+        st.snapshot_failed = True
+        import sys
+
+        print(f"ftrain: snapshots are off for this attempt: step {step} could not be written to "
+              f"{directory}: {one_line(exc)}", file=sys.stderr, flush=True)
+        return
+    _drop_older(directory, step)
+
+
+def _drop_older(directory: str, step: int) -> None:
+    """Remove the complete snapshots before ``step``: the folder holds the newest only."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        other = ckptfmt.parse_step(name)
+        if other is not None and other < step and not name.startswith(ckptfmt.TEMP_PREFIX):
+            try:
+                os.unlink(os.path.join(directory, name))
+            except OSError:
+                pass
+
+
+def wait(st: ProcessState) -> None:
+    """Let the snapshot in flight finish (at exit: a clean end keeps the newest one whole)."""
+    thread = st.snapshot_thread
+    if thread is not None:
+        thread.join()
+        st.snapshot_thread = None
