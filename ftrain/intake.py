@@ -42,6 +42,8 @@ class AttemptWatch:
     stop_requested: bool = False
     saves: int = 0
     config_digest: str | None = None
+    config_defaults: dict[str, Any] | None = None   # the script's ftrain.config(defaults=...), scalars
+    unknown_overrides: list[str] = field(default_factory=list)   # overrides of keys it has not
     last_record: Mapping[str, Any] = field(default_factory=dict)
     rate: float | None = None
     _rate_mark: tuple[float, int] | None = None
@@ -65,6 +67,9 @@ class AttemptWatch:
                 elif control == Control.CONFIG:
                     digest = record.get("digest")
                     self.config_digest = digest if isinstance(digest, str) else None
+                    defaults, unknown = record.get("defaults"), record.get("unknown_overrides")
+                    self.config_defaults = defaults if isinstance(defaults, dict) else None
+                    self.unknown_overrides = [str(k)[:200] for k in unknown[:50]] if isinstance(unknown, list) else []
                 elif control == Control.SAVE_END and record.get("path"):
                     self.saves += 1
                 continue

@@ -13,8 +13,24 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from ftrain.detect import DetectSpec
+from ftrain.errors import ConfigError
 from ftrain.kinds import Failure, FailureKind
-from ftrain.overrides import OverrideSpec, has_key, resolve
+from ftrain.overrides import OverrideSpec, get_key, is_number
+
+
+class IfMissing(str, enum.Enum):
+    """A rule's ``if_missing``: what its ``set`` does with a key the config lacks.
+
+    error  ``policy check --config`` and ``run --config`` refuse the policy (the default)
+    skip   that override is left out, and the decision says so (the default policy's OOM
+           rule: not every script has ``train.grad_accum``)
+    """
+
+    ERROR = "error"
+    SKIP = "skip"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 class Action(str, enum.Enum):
@@ -62,9 +78,45 @@ class Rule:
     max: int | None = None
     margin: int = 0
     skip_steps: int = 0
+    if_missing: IfMissing = IfMissing.ERROR
+    lines: Mapping[str, int] = field(default_factory=dict, compare=False)   # set key (and "") -> line
 
     def label(self) -> str:
         return f"rule {self.index} ({self.action.value})"
+
+    def missing(self, config: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """``(key, why)`` of each ``set`` key that ``config`` cannot take as the rule says."""
+        out = []
+        for key, spec in self.set.items():
+            try:
+                current = get_key(config, key)
+            except KeyError:
+                out.append((key, "is not a key of the config"))
+                continue
+            if not spec.literal and (spec.scale is not None or spec.add is not None) and not is_number(current):
+                out.append((key, f"is {current!r} in the config, not a number to scale or add to"))
+        return out
+
+    def overrides_for(self, config: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+        """The resolved new values of ``set`` against ``config``, and in words what was left
+        out: a key the config lacks (a literal is still set, unless ``if_missing: skip``: the
+        shim reports it to the script), or a value that cannot be changed as asked."""
+        values: dict[str, Any] = {}
+        left: list[str] = []
+        for key, spec in self.set.items():
+            try:
+                current = get_key(config, key)
+            except KeyError:
+                if spec.literal and self.if_missing is IfMissing.ERROR:
+                    values[key] = spec.resolve(None)
+                else:
+                    left.append(f"{key} (not in the script's config)")
+                continue
+            try:
+                values[key] = spec.resolve(current)
+            except ConfigError as exc:
+                left.append(f"{key} ({str(exc).partition(': ')[2] or exc})")
+        return values, (f"not set: {', '.join(left)}" if left else "")
 
 
 @dataclass(frozen=True)
@@ -205,7 +257,6 @@ class Policy:
     detect: DetectSpec = field(default_factory=DetectSpec.default)
     checkpoints: CheckpointRetention = CheckpointRetention()
     script: Mapping[str, Any] = field(default_factory=dict)
-    lenient_keys: bool = False  # the built-in default drops overrides of keys a config lacks
     text: str = field(default="", repr=False, compare=False)   # the YAML it was read from
 
     def rule_for(self, kind: FailureKind) -> Rule | None:
@@ -215,13 +266,16 @@ class Policy:
     def override_keys(self) -> set[str]:
         return {key for rule in self.rules for key in rule.set}
 
-    def check_config(self, config: Mapping[str, Any]) -> list[str]:
-        """Keys that rules override but ``config`` lacks, one message each."""
-        if self.lenient_keys:
+    def check_config(self, config: Mapping[str, Any] | None) -> list[str]:
+        """``file:line: rule N: set: ...`` for each key a rule overrides that ``config`` lacks
+        (or cannot scale), except in rules with ``if_missing: skip``. ``config`` None: not
+        known before the script runs (no ``--config``: its ``ftrain.config(defaults=...)``)."""
+        if config is None:
             return []
         return [
-            f"{self.source}: rule {rule.index}: set: {key!r} is not a key of the config"
-            for rule in self.rules for key in rule.set if not has_key(config, key)
+            f"{self.source}:{rule.lines.get(key, rule.lines.get('', 1))}: rule {rule.index}: set: {key!r} {why}"
+            + (" (add it to the config, or give the rule `if_missing: skip`)" if "not a key" in why else "")
+            for rule in self.rules if rule.if_missing is IfMissing.ERROR for key, why in rule.missing(config)
         ]
 
     def decide(
@@ -274,12 +328,11 @@ class Policy:
             return Decision(Action.STOP, rule=rule.index, gave_up=True,
                             reason=f"{kind.value}: max_restarts ({self.max_restarts}) spent")
 
-        specs = {k: v for k, v in rule.set.items() if has_key(history.config, k)} if self.lenient_keys else rule.set
-        overrides = resolve(specs, history.config)
+        overrides, left_out = rule.overrides_for(history.config)
         backoff = self.backoff.delay(history.no_progress_streak)
         usable = sorted((c for c in checkpoints if c.step is not None), key=lambda c: c.step)  # type: ignore[arg-type, return-value]
         changes = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
-        suffix = f"; set {changes}" if changes else ""
+        suffix = (f"; set {changes}" if changes else "") + (f"; {left_out}" if left_out else "")
 
         if rule.action is Action.RESTART:
             newest = usable[-1] if usable else None

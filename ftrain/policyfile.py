@@ -8,6 +8,7 @@ for text. The values it builds are ``ftrain.policy``'s.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,15 +19,15 @@ from ftrain.detect import DetectSpec, HangSpec, NonfiniteSpec, SpikeSpec, Thresh
 from ftrain.errors import PolicyError
 from ftrain.files import read_bounded
 from ftrain.kinds import ANOMALY_KINDS, FailureKind
-from ftrain.overrides import OverrideSpec, compose_and_load, describe_yaml_error
-from ftrain.policy import Action, Backoff, CheckpointRetention, Policy, Rule
+from ftrain.overrides import OverrideSpec, compose_and_load, yaml_problem
+from ftrain.policy import Action, Backoff, CheckpointRetention, IfMissing, Policy, Rule
 
 __all__ = ["DEFAULT_SOURCE", "default_policy_path", "load_policy", "load_policy_copy", "parse_policy"]
 
 RULE_KINDS = frozenset(FailureKind) - {FailureKind.NO_PROGRESS}
 TOP_KEYS = ("version", "max_restarts", "backoff", "no_progress", "grace", "warm_start", "detect", "rules",
             "checkpoints", "script")
-RULE_KEYS = ("when", "action", "set", "max", "margin", "skip_steps")
+RULE_KEYS = ("when", "action", "set", "if_missing", "max", "margin", "skip_steps")
 BACKOFF_KEYS = ("initial", "factor", "max")
 DETECT_KEYS = ("nonfinite", "threshold", "spike", "hang")
 SPIKE_KEYS = ("window", "zscore", "warmup", "patience")
@@ -42,13 +43,15 @@ def default_policy_path() -> Path:
 
 
 POLICY_LIMIT = 1 << 20   # a policy is a page or two of YAML
+NUMBER_LIMIT = 1e15      # counts, factors, steps: far beyond any run, short of float trouble
+DURATION_LIMIT = 365 * 86400.0
 
 
 def load_policy(path: Path | None) -> Policy:
     """Read and validate a policy file (None: the built-in default)."""
     if path is None:
         text = default_policy_path().read_text()
-        return _replace(parse_policy(text, DEFAULT_SOURCE), lenient_keys=True, text=text)
+        return _replace(parse_policy(text, DEFAULT_SOURCE), text=text)
     try:
         text = read_bounded(path, POLICY_LIMIT).decode()
     except FileNotFoundError:
@@ -60,14 +63,13 @@ def load_policy(path: Path | None) -> Policy:
 
 def load_policy_copy(copy: Path, source: str) -> Policy:
     """The copy of a run's policy kept in its folder (``policy.yaml``), read as the file it
-    was copied from (``source``, named in messages); the built-in default stays lenient."""
+    was copied from (``source``, named in messages)."""
     try:
         text = read_bounded(copy, POLICY_LIMIT, inside=Path(copy).parent).decode()
     except (OSError, UnicodeDecodeError) as exc:
         raise PolicyError([f"{copy}: cannot read the run's policy copy: {getattr(exc, 'strerror', None) or exc}"]) \
             from exc
-    policy = _replace(parse_policy(text, source), text=text)
-    return _replace(policy, lenient_keys=True) if source == DEFAULT_SOURCE else policy
+    return _replace(parse_policy(text, source), text=text)
 
 
 def _replace(policy: Policy, **changes: Any) -> Policy:
@@ -98,11 +100,15 @@ class _Checker:
         self.lines = lines
         self.errors: list[str] = []
 
-    def error(self, path: tuple[Any, ...], message: str) -> None:
+    def line(self, path: tuple[Any, ...]) -> int:
+        """The line of ``path``, or of the nearest key above it that has one."""
         probe = path
         while probe and probe not in self.lines:
             probe = probe[:-1]
-        line = self.lines.get(probe, 1)
+        return self.lines.get(probe, 1)
+
+    def error(self, path: tuple[Any, ...], message: str) -> None:
+        line = self.line(path)
         key = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in path).replace(".[", "[")
         self.errors.append(f"{self.source}:{line}: {key or '(top)'}: {message}")
 
@@ -122,6 +128,9 @@ class _Checker:
         if isinstance(value, bool) or not ok:
             self.error(path + (key,), f"must be {'an integer' if integer else 'a number'}, not {value!r}")
             return default
+        if not math.isfinite(value) or abs(value) > NUMBER_LIMIT:
+            self.error(path + (key,), f"must be a finite number below {NUMBER_LIMIT:.0e}, not {value!r}")
+            return default
         if minimum is not None and value < minimum:
             self.error(path + (key,), f"must be at least {minimum}, not {value!r}")
             return default
@@ -131,10 +140,14 @@ class _Checker:
         if key not in data:
             return default
         try:
-            return parse_duration(data[key])
-        except (ValueError, TypeError) as exc:
+            seconds = parse_duration(data[key])
+        except (ValueError, TypeError, OverflowError) as exc:
             self.error(path + (key,), str(exc))
             return default
+        if not math.isfinite(seconds) or seconds > DURATION_LIMIT:
+            self.error(path + (key,), f"must be a finite duration of at most a year, not {data[key]!r}")
+            return default
+        return seconds
 
 
 def parse_policy(text: str, source: str) -> Policy:
@@ -142,8 +155,7 @@ def parse_policy(text: str, source: str) -> Policy:
     try:
         node, data = compose_and_load(text)
     except yaml.YAMLError as exc:
-        line, problem = describe_yaml_error(exc)
-        raise PolicyError([f"{source}:{line}: malformed YAML: {problem}"]) from exc
+        raise PolicyError([yaml_problem(source, exc)]) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -301,6 +313,12 @@ def _parse_rules(c: _Checker, raw: Any) -> list[Rule]:
             continue
         c.keys(item, RULE_KEYS, path)
         kinds = _parse_kinds(c, item.get("when"), path + ("when",))
+        if_missing = IfMissing.ERROR
+        if "if_missing" in item:
+            try:
+                if_missing = IfMissing(item["if_missing"])
+            except ValueError:
+                c.error(path + ("if_missing",), f"must be skip or error, not {item['if_missing']!r}")
         action_raw = item.get("action")
         try:
             action = Action(action_raw)
@@ -327,8 +345,10 @@ def _parse_rules(c: _Checker, raw: Any) -> list[Rule]:
         for key in ("margin", "skip_steps"):
             if key in item and action is not Action.ROLLBACK:
                 c.error(path + (key,), f"`{key}` applies to action rollback only")
+        lines = {str(key): c.line(path + ("set", key)) for key in raw_set}
+        lines[""] = c.line(path)
         rules.append(Rule(
-            index=i + 1, kinds=frozenset(kinds), action=action, set=sets,
+            index=i + 1, kinds=frozenset(kinds), action=action, set=sets, if_missing=if_missing, lines=lines,
             max=c.number(item, "max", path, integer=True, minimum=0),
             margin=c.number(item, "margin", path, integer=True, minimum=0, default=0),
             skip_steps=c.number(item, "skip_steps", path, integer=True, minimum=0, default=0),
@@ -343,6 +363,9 @@ def _parse_kinds(c: _Checker, raw: Any, path: tuple[Any, ...]) -> set[FailureKin
     names = [raw] if isinstance(raw, str) else raw if isinstance(raw, list) else None
     if names is None:
         c.error(path, "must be a failure kind or a list of kinds")
+        return set()
+    if not names:
+        c.error(path, "names no failure kind: a rule for nothing is a mistake (list its kinds)")
         return set()
     kinds: set[FailureKind] = set()
     valid = sorted(k.value for k in RULE_KINDS)

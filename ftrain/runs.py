@@ -48,20 +48,7 @@ def _parse_inject(spec: str | None) -> tuple[Fault, ...]:
 
 def base_config(config_path: Path | None, sets: Sequence[str]) -> dict[str, Any]:
     """The config file with ``--set`` applied. With a file, a --set key must exist in it."""
-    config = overrides.load_config(config_path)
-    for text in sets:
-        key, value = overrides.parse_set(text)
-        if config_path is not None and not overrides.has_key(config, key):
-            raise ConfigError(f"--set {key}: {config_path} has no such key")
-        parts = key.split(".")
-        node = config
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {key}: {part!r} is not a mapping in the config")
-            node = child
-        node[parts[-1]] = value
-    return config
+    return overrides.with_sets(overrides.load_config(config_path), sets, config_path)
 
 
 def start_run(*, script: str, script_args: tuple[str, ...], policy_path: Path | None,
@@ -71,7 +58,8 @@ def start_run(*, script: str, script_args: tuple[str, ...], policy_path: Path | 
     """Check everything, then supervise a new run. Returns the exit status."""
     policy = load_policy(policy_path)
     config = base_config(config_path, sets)
-    problems = policy.check_config(config)
+    # Without --config the script's config is its ftrain.config(defaults=...), known when it runs.
+    problems = policy.check_config(config if config_path is not None else None)
     if problems:
         raise PolicyError(problems)
     faults = _parse_inject(inject)

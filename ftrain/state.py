@@ -41,11 +41,13 @@ class RunState:
     set_aside: list[tuple[int, float]] = field(default_factory=list)   # (after step, when): the script's own
     best_step: int | None = None
     finished: dict[str, Any] | None = None   # the run_end event, if any
+    defaults: dict[str, Any] = field(default_factory=dict)   # the script's config(defaults=...), as it said
 
     def history(self) -> History:
+        """The values a decision reads; its config is the script's: defaults ← config (DESIGN §6)."""
         return History(restarts=self.restarts, rule_uses=dict(self.rule_uses),
                        no_progress_streak=self.no_progress_streak, rollbacks=tuple(self.rollbacks),
-                       config=self.config)
+                       config=overrides.merged(self.defaults, self.config) if self.defaults else self.config)
 
     def apply(self, decision: Decision, failure_step: int | None, *, t: float | None = None) -> None:
         """Fold a restart/rollback decision into the state for the next attempt. ``t``: when

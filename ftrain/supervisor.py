@@ -299,6 +299,11 @@ class Supervisor:
             judged = judge(outcome)
             if judged.failure is not None:
                 self._journal_failure(n, judged.failure)
+            if watch.config_defaults is not None:   # what a policy's `scale` reads without --config
+                self.state.defaults = watch.config_defaults
+            if watch.unknown_overrides:
+                self._say(f"the script's config has no {', '.join(watch.unknown_overrides)}: the "
+                          "override reached the script, which may not use it", "warn")
             if watch.max_step is not None and self.state.overrides and watch.config_digest is None \
                     and not self.script.delivers_config:
                 self._say("the script logged steps but never called ftrain.config(): "
@@ -379,6 +384,7 @@ class Supervisor:
             steps=watch.steps, injected=watch.fired, stop_requested=watch.stop_requested,
             no_progress_streak=self.state.no_progress_streak,
             strays_killed=exit_.strays_killed if exit_ else 0,
+            **({"unknown_overrides": watch.unknown_overrides} if watch.unknown_overrides else {}),
         )
 
     def _skipped_text(self) -> str:

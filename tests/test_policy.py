@@ -89,8 +89,33 @@ def test_ignore_only_for_anomalies():
 
 def test_keys_missing_from_config():
     pol = policy("rules:\n  - when: cuda_oom\n    action: restart\n    set: {train.micro_batch: {scale: 0.5}}\n")
-    assert pol.check_config(CONFIG) == ["p.yaml: rule 1: set: 'train.micro_batch' is not a key of the config"]
-    assert load_policy(None).check_config({}) == []  # the default policy is lenient
+    assert pol.check_config(CONFIG) == ["p.yaml:4: rule 1: set: 'train.micro_batch' is not a key of the config "
+                                        "(add it to the config, or give the rule `if_missing: skip`)"]
+    assert load_policy(None).check_config({}) == []  # the default's rules say `if_missing: skip`
+    assert pol.check_config(None) == []  # no --config: the script's defaults, learnt when it runs
+
+
+def test_if_missing_skip_is_a_rule_choice_and_leaves_out_with_reason():
+    text = ("rules:\n  - when: cuda_oom\n    action: restart\n    if_missing: skip\n"
+            "    set: {train.batch_size: {scale: 0.5}, train.micro_batch: {scale: 0.5}, train.amp: false}\n")
+    pol = policy(text)
+    assert pol.check_config(CONFIG) == []
+    d = pol.decide(Failure(K.CUDA_OOM), History(config=CONFIG), CKPTS)
+    assert dict(d.overrides) == {"train.batch_size": 16}
+    assert "not set: train.micro_batch (not in the script's config), train.amp" in d.reason
+    # without `if_missing: skip` a literal still reaches the script (the shim reports it)
+    strict = policy(text.replace("    if_missing: skip\n", ""))
+    d = strict.decide(Failure(K.CUDA_OOM), History(config=CONFIG), CKPTS)
+    assert dict(d.overrides) == {"train.batch_size": 16, "train.amp": False}
+    assert "not set: train.micro_batch" in d.reason
+    with pytest.raises(PolicyError, match=r"p.yaml:4: rules\[0\].if_missing: must be skip or error"):
+        policy(text.replace("if_missing: skip", "if_missing: maybe"))
+
+
+def test_scaling_a_non_number_of_the_config_is_refused_with_its_line():
+    pol = policy("rules:\n  - when: cuda_oom\n    action: restart\n    set:\n      train.batch_size: {scale: 0.5}\n")
+    assert pol.check_config({"train": {"batch_size": "auto"}}) == [
+        "p.yaml:5: rule 1: set: 'train.batch_size' is 'auto' in the config, not a number to scale or add to"]
 
 
 OOM_POLICY = """

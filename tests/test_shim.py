@@ -197,7 +197,8 @@ def test_supervised_lines_config_digest_skip_and_values(tmp_path: Path) -> None:
 
     lines = run.lines()
     assert lines[0] == {"ftrain": "config", "step": None, "t": lines[0]["t"], "attempt": 1,
-                        "digest": hashlib.sha256(config_text.encode()).hexdigest(), "path": str(run.config)}
+                        "digest": hashlib.sha256(config_text.encode()).hexdigest(), "path": str(run.config),
+                        "defaults": {"train": {"batch_size": 32, "lr": 0.1, "amp": True}, "name": "default"}}
     line = run.steps()[1]
     assert before <= line["t"] <= time.time() and line["attempt"] == 1
     assert math.isnan(line["nan"]) and line["inf"] == math.inf and line["ninf"] == -math.inf

@@ -36,6 +36,7 @@ import time
 from ftrain.protocol import RESERVED_METRICS, Control, parse_skip
 from ftrain.shim.metrics import (
     PLAIN,
+    as_step,
     coerce,
     control,
     heartbeat,
@@ -146,12 +147,18 @@ def is_supervised() -> bool:
 def config(defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The effective config: ``FTRAIN_CONFIG_PATH`` (YAML) deep-merged over ``defaults``.
 
-    The file wins where both have a key. Without the variable, a deep copy of ``defaults``.
-    The sha256 of the file is recorded in the metrics stream, so the supervisor can tell a
-    script that never asked for its overrides.
+    The file (base config + overrides) wins where both have a key. Without the variable, a
+    deep copy of ``defaults``. The sha256 of the file is recorded in the metrics stream, so
+    the supervisor can tell a script that never asked for its overrides, with the defaults'
+    values (scalars only: what a policy's ``scale`` needs without ``--config``) and the
+    overrides of keys neither the defaults nor the base config have: those are also said
+    on stderr, for a key the script never reads is an override that does nothing.
     """
     import copy
+    from collections.abc import Mapping
 
+    if defaults is not None and not isinstance(defaults, Mapping):
+        raise TypeError(f"ftrain.config: defaults must be a mapping, not {type(defaults).__name__}")
     result: dict[str, Any] = copy.deepcopy(dict(defaults)) if defaults else {}
     path = _st.config_path
     if path is None:
@@ -168,9 +175,22 @@ def config(defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise ValueError(  # noqa: TRY004 - what the file holds is a bad value, not a caller's type
             f"{path}: a config must be a mapping at the top level, not {type(loaded).__name__}")
+    unknown = _unknown_overrides(loaded, result)
     _merge(result, loaded)
     if _st.rank == 0:
-        control(_st, Control.CONFIG, None, digest=hashlib.sha256(raw).hexdigest(), path=path)
+        if unknown:
+            print(f"ftrain: warning: override{'s' if len(unknown) > 1 else ''} of "
+                  f"{', '.join(f'{k}={_leaf(loaded, k)!r}' for k in unknown)}: no such key in the script's "
+                  "ftrain.config(defaults=...) nor in --config; the script may not use it",
+                  file=sys.stderr, flush=True)
+        fields: dict[str, Any] = {"digest": hashlib.sha256(raw).hexdigest(), "path": path}
+        if defaults:
+            plain = _plain_tree(defaults)
+            if len(json.dumps(plain, default=str)) <= DEFAULTS_LIMIT:
+                fields["defaults"] = plain
+        if unknown:
+            fields["unknown_overrides"] = unknown
+        control(_st, Control.CONFIG, None, **fields)
     return result
 
 
@@ -183,6 +203,8 @@ def log(step: int, *, rank_zero_only: bool = True, **metrics: Any) -> None:
     heartbeat file. A cheap no-op when ``FTRAIN_METRICS_PATH`` is not set.
     """
     st = _st
+    if type(step) is not int:
+        step = as_step(step)
     st.last_step = step
     if st.modules_path is not None:
         record_modules(st)
@@ -284,6 +306,80 @@ def load_checkpoint(path: str | os.PathLike[str] | None = None, *, weights_only:
 
 
 # --------------------------------------------------------------------------- helpers
+DEFAULTS_LIMIT = 64 << 10   # bytes of defaults sent in the config control line
+
+
+def _leaves(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys of every value in ``tree`` that is not itself a mapping."""
+    out: list[str] = []
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.extend(_leaves(value, dotted + "."))
+        else:
+            out.append(dotted)
+    return out
+
+
+def _leaf(tree: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _has(tree: Mapping[str, Any], dotted: str) -> bool:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _unknown_overrides(loaded: Mapping[str, Any], defaults: Mapping[str, Any]) -> list[str]:
+    """Keys of the attempt's config file that are overrides (not of the base config that
+    ``run.json`` records) and that ``defaults`` lacks. Empty when run.json cannot be read:
+    then the shim cannot tell an override from the base config."""
+    if _st.run_dir is None:
+        return []
+    try:
+        from ftrain.files import read_bounded
+
+        info = json.loads(read_bounded(os.path.join(_st.run_dir, "run.json"), 64 << 20))
+        base = info.get("base_config") if isinstance(info, dict) else None
+    except (OSError, ValueError):
+        return []
+    if not isinstance(base, dict):
+        return []
+    return [k for k in _leaves(loaded) if not _has(base, k) and not _has(defaults, k)]
+
+
+def _plain_tree(tree: Mapping[Any, Any], depth: int = 0) -> dict[str, Any]:
+    """``tree`` as JSON: mappings kept (string keys), numbers, bools and short strings as
+    they are, anything else as None (the key exists; its value is not one to scale)."""
+    from collections.abc import Mapping
+
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and depth < 32:
+            out[str(key)] = _plain_tree(value, depth + 1)
+        elif isinstance(value, (bool, int, float)) or value is None:
+            out[str(key)] = value if not isinstance(value, int) or abs(value) < 1 << 63 else None
+        elif isinstance(value, str) and len(value) <= 256:
+            out[str(key)] = value
+        else:
+            item = getattr(value, "item", None)
+            scalar = None
+            if callable(item) and type(value).__module__.startswith(("numpy", "torch")):
+                try:
+                    scalar = item()
+                except (ValueError, RuntimeError):
+                    scalar = None
+            out[str(key)] = scalar if type(scalar) in (bool, int, float) else None
+    return out
+
+
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> None:
     """Deep-merge ``over`` into ``base`` in place; ``over`` wins, mappings merge key by key."""
     for key, value in over.items():

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from ftrain.protocol import Control
     from ftrain.shim import ProcessState
 
-__all__ = ["HEARTBEAT_EVERY", "MAX_STRING", "PLAIN", "coerce", "control", "heartbeat", "one_line",
+__all__ = ["HEARTBEAT_EVERY", "MAX_STRING", "PLAIN", "as_step", "coerce", "control", "heartbeat", "one_line",
            "plain_metrics", "record_modules", "write", "write_all"]
 
 HEARTBEAT_EVERY = 0.5      # seconds between two refreshes of a rank's heartbeat file
@@ -68,10 +68,58 @@ def write_all(fd: int, view: memoryview) -> None:
         view = view[written:]
 
 
+def as_step(step: Any, where: str = "ftrain.log") -> int:
+    """``step`` as an int: ints, and whole-number floats, numpy scalars and 0-d tensors
+    (``120.0``, ``np.int64(120)``, ``torch.tensor(120)``). Anything else is the script's
+    bug, said at the call: a step the supervisor cannot read would hide that step's NaN."""
+    if isinstance(step, bool):
+        raise TypeError(f"{where}: step {step!r} is a bool, not a step number")
+    if isinstance(step, int):
+        return int(step)
+    scalar = step
+    item = getattr(step, "item", None)
+    if not isinstance(step, float) and callable(item):
+        try:
+            scalar = item()
+        except (ValueError, RuntimeError) as exc:
+            raise TypeError(f"{where}: step {type(step).__name__} is not a scalar ({exc})") from exc
+        if isinstance(scalar, bool):
+            raise TypeError(f"{where}: step {step!r} is a bool, not a step number")
+        if isinstance(scalar, int):
+            return int(scalar)
+    if isinstance(scalar, float):
+        if scalar.is_integer():
+            return int(scalar)
+        raise ValueError(f"{where}: step {scalar!r} is not a whole number")
+    raise TypeError(f"{where}: step must be an int (or a whole-number float), not {type(step).__name__} "
+                    f"{str(step)[:40]!r}")
+
+
+_NUMBER_CHARS = frozenset("0123456789+-.eE_ ")
+
+
+def _number(text: str) -> float | int | None:
+    """The number a short string spells (``"2.31"``, ``"NaN"``, ``"-inf"``), else None: a
+    loss logged as text is still a loss the detectors watch."""
+    if len(text) > 40:
+        return None
+    bare = text.strip().lower().lstrip("+-")
+    if bare in ("nan", "inf", "infinity"):
+        return float(text)
+    if not bare or not _NUMBER_CHARS.issuperset(bare) or "_" in bare or " " in bare:
+        return None
+    try:
+        return int(text) if bare.isdigit() else float(text)
+    except ValueError:
+        return None
+
+
 def coerce(key: str, value: Any, where: str = "ftrain.log") -> Any:
-    """A JSON-ready scalar for ``value``: ``.item()`` for tensors and numpy scalars."""
+    """A JSON-ready scalar for ``value``: ``.item()`` for tensors and numpy scalars; a
+    string that spells a number (``"NaN"``, ``"2.31"``) is that number."""
     if isinstance(value, str):
-        return str(value)[:MAX_STRING]
+        number = _number(value)
+        return number if number is not None else str(value)[:MAX_STRING]
     if isinstance(value, bool):
         return bool(value)
     if isinstance(value, int):
