@@ -132,6 +132,11 @@ PATTERNS: tuple[Pattern, ...] = (
     _p(K.ABORTED, "fatal_abort", r"Fatal Python error: Aborted"),
     _p(K.ABORTED, "cxx_terminate", r"terminate called after throwing an instance of"),
     _p(K.ABORTED, "dataloader_abort", r"DataLoader worker \(pid \d+\) is killed by signal: Aborted"),
+    # A divergence that the script's own code trips over before any metric shows it: sampling
+    # from NaN logits (torch.multinomial), the perplexity of a diverged loss (math.exp; what
+    # else of the math module overflows a float in a training script is rare).
+    _p(K.NONFINITE, "multinomial_nonfinite", r"probability tensor contains either `inf`, `nan` or element < 0"),
+    _p(K.NONFINITE, "math_overflow", r"OverflowError: math range error$"),
     # Preemption: the scheduler's word, or torchrun's agent passing on its SIGTERM.
     _p(K.PREEMPTED, "slurm_cancelled",
        r"\*\*\* (?:JOB|STEP) \S+ ON \S+ CANCELLED AT \S+ DUE TO (?:PREEMPTION|TIME LIMIT|NODE FAILURE)"),

@@ -209,6 +209,8 @@ MAD_SIGMA = 1.4826     # MAD × this estimates σ of normal noise
 REL_FLOOR = 0.01       # the spread is taken as at least 1 % of the level (see _SpikeWatch)
 MIN_BASELINE = 10      # never judge against fewer values than this
 CEILING_SPAN = 20      # a ceiling covers window // this many values (see _SpikeWatch)
+DIFF_SIGMA = MAD_SIGMA / math.sqrt(2.0)   # median |x[i] - x[i-1]| × this estimates σ of normal noise
+RECENT = MIN_BASELINE  # values whose median is the recent level of the second rule
 
 
 def _median(s: list[float]) -> float:
@@ -218,7 +220,19 @@ def _median(s: list[float]) -> float:
 
 
 class _SpikeWatch:
-    """Rolling robust baseline of one metric: median and MAD of the last ``window`` values.
+    """Rolling robust baseline of one metric, and two rules that judge each value against it.
+
+    * The *window* rule: more than ``zscore`` robust deviations (MAD) above the median of
+      the last ``window`` values. It sees a level that creeps up over many steps.
+    * The *recent* rule: more than ``zscore`` robust deviations of the step-to-step change
+      (the median of ``|x[i] - x[i-1]|`` over the window, × ``DIFF_SIGMA``) above the recent
+      level (the higher of the last value and the median of the last ``RECENT``). A trend
+      does not widen that spread nor drag that level behind it, so a 1000× jump right after a
+      steep early descent fires, which the window rule misses while the window still holds
+      the descent (its MAD is then the descent's). Being the higher of two levels, and
+      measured by the noise of single steps, it stays silent on clean noisy curves.
+
+    A value is an outlier when either rule says so.
 
     Positive series are judged on a log scale: training-loss noise is multiplicative, and a
     linear MAD fires on the long upper tail of a 20 %-noisy loss in about one 5,000-step run
@@ -244,17 +258,20 @@ class _SpikeWatch:
     above the ceiling, and every value while the window fills or an outlier streak is open,
     is judged in full, so the alarms are exactly those of judging every value (the tests
     check this against a from-scratch implementation). With ``k = window / 20`` the
-    ceiling of a 200-value window sits about 3.3 σ above the median of normal noise.
+    ceiling of a 200-value window sits about 3.3 σ above the median of normal noise. The
+    recent rule has a ceiling of its own, relative to the last value: the lowest spread of
+    the next ``k`` windows (the step changes are a window too) times ``zscore`` above it.
     """
 
-    __slots__ = ("spec", "window", "ready", "k", "log", "fifo", "sorted", "seen", "streak",
-                 "fast", "low", "ceiling", "judged")
+    __slots__ = ("spec", "window", "ready", "k", "recent", "log", "fifo", "sorted", "diffs", "seen",
+                 "streak", "fast", "low", "ceiling", "jump", "judged")
 
     def __init__(self, spec: SpikeSpec) -> None:
         self.spec = spec
         self.window = spec.window
         self.ready = max(spec.warmup, min(MIN_BASELINE, spec.window))
         self.k = max(1, spec.window // CEILING_SPAN)
+        self.recent = min(RECENT, spec.window)
         self.judged = 0        # values judged in full (not under a ceiling): what the per-line cost hangs on
         self.reset()
 
@@ -262,58 +279,101 @@ class _SpikeWatch:
         self.log = True
         self.fifo: deque[float] = deque()
         self.sorted: list[float] = []
+        self.diffs: list[float] = []   # step changes in the window, sorted: ratios ≥ 1 on a log scale, |a - b| else
         self.seen = 0
-        self.streak: list[tuple[float, int | None, Mapping[str, Any]]] = []
+        self.streak: list[tuple[float, int | None, Mapping[str, Any], _Hit]] = []
         self.fast = 0          # values the current ceiling still covers
         self.low = 0.0         # and the range it covers: (low, ceiling]
         self.ceiling = 0.0
+        self.jump = 0.0        # the recent rule's: a factor over the last value (log scale), else a step
 
     def observe(self, value: float, step: int | None, record: Mapping[str, Any]) -> Anomaly | None:
-        if self.fast and self.low < value <= self.ceiling:
-            # Under every threshold this window can have: it joins the window unjudged. The
-            # window is full here, and ``seen`` no longer matters (it only counts to ``ready``).
-            self.fast -= 1
-            fifo = self.fifo
-            fifo.append(value)
-            s = self.sorted
-            del s[bisect_left(s, fifo.popleft())]
-            insort(s, value)
-            return None
-        if self._refresh() and self.low < value <= self.ceiling:  # a ceiling from this window
-            return self.observe(value, step, record)
-        return self._judge(value, step, record)
+        fifo = self.fifo
+        if not (self.fast and self.low < value <= self.ceiling and (
+                value <= fifo[-1] * self.jump if self.log else value - fifo[-1] <= self.jump)):
+            if not (self._refresh() and self.low < value <= self.ceiling and (   # a ceiling from this window
+                    value <= fifo[-1] * self.jump if self.log else value - fifo[-1] <= self.jump)):
+                return self._judge(value, step, record)
+        # Under every threshold this window can have: it joins the window unjudged. The
+        # window is full here, and ``seen`` no longer matters (it only counts to ``ready``).
+        self.fast -= 1
+        prev = fifo[-1]
+        fifo.append(value)
+        old = fifo.popleft()
+        head = fifo[0]
+        s, d = self.sorted, self.diffs
+        del s[bisect_left(s, old)]
+        insort(s, value)
+        if self.log:
+            del d[bisect_left(d, old / head if old > head else head / old)]
+            insort(d, prev / value if prev > value else value / prev)
+        else:
+            del d[bisect_left(d, abs(old - head))]
+            insort(d, abs(prev - value))
+        return None
 
     def _judge(self, value: float, step: int | None, record: Mapping[str, Any]) -> Anomaly | None:
-        """The rule itself: is ``value`` more than ``zscore`` robust deviations above the median?"""
+        """The rules themselves (class docstring): is ``value`` an outlier by either?"""
         self.fast = 0
         self.judged += 1
         if self.log and value <= 0.0:
             self._to_linear()
         if self.seen >= self.ready:
-            s = self.sorted
-            g = math.log if self.log else float   # the judging scale (float: as it is)
-            n = len(s)
-            h = n >> 1
-            med = g(s[h]) if n & 1 else (g(s[h - 1]) + g(s[h])) * 0.5
-            excess = g(value) - med
-            if excess > 0.0:
-                span = (n + 1) >> 1
-                a = (n - span) >> 1
-                mad_low = min(med - g(s[a]), g(s[a + span]) - med)
-                zscore = self.spec.zscore
-                if excess > zscore * self._scale(med, mad_low):
-                    scale = self._scale(med, self._mad(med))
-                    if excess > zscore * scale:
-                        return self._outlier(value, step, record, med, excess / scale)
+            hit = self._window_rule(value) or self._recent_rule(value)
+            if hit is not None:
+                return self._outlier(value, step, record, hit)
             self.streak.clear()
         self._add(value)
         return None
 
+    def _window_rule(self, value: float) -> _Hit | None:
+        s = self.sorted
+        g = math.log if self.log else float   # the judging scale (float: as it is)
+        n = len(s)
+        h = n >> 1
+        med = g(s[h]) if n & 1 else (g(s[h - 1]) + g(s[h])) * 0.5
+        excess = g(value) - med
+        if excess > 0.0:
+            span = (n + 1) >> 1
+            a = (n - span) >> 1
+            mad_low = min(med - g(s[a]), g(s[a + span]) - med)
+            zscore = self.spec.zscore
+            if excess > zscore * self._scale(med, mad_low):
+                scale = self._scale(med, self._mad(med))
+                if excess > zscore * scale:
+                    return _Hit(False, med, excess / scale)
+        return None
+
+    def _recent_rule(self, value: float) -> _Hit | None:
+        d, fifo = self.diffs, self.fifo
+        if not d:
+            return None
+        g = math.log if self.log else float
+        n = len(d)
+        h = n >> 1
+        spread = DIFF_SIGMA * (g(d[h]) if n & 1 else (g(d[h - 1]) + g(d[h])) * 0.5)
+        zscore = self.spec.zscore
+        gv, last = g(value), g(fifo[-1])
+        if gv - last <= zscore * max(spread, REL_FLOOR if self.log else 1e-12):
+            return None   # the recent level is at least the last value, its floor at least this
+        recent = sorted(fifo[i] for i in range(len(fifo) - self.recent, len(fifo)))
+        r = len(recent)
+        level = max(last, g(recent[r >> 1]) if r & 1 else (g(recent[(r >> 1) - 1]) + g(recent[r >> 1])) * 0.5)
+        scale = max(spread, REL_FLOOR if self.log else REL_FLOOR * abs(level) + 1e-12)
+        excess = gv - level
+        return _Hit(True, level, excess / scale) if excess > zscore * scale else None
+
     def _add(self, value: float) -> None:
-        s, fifo = self.sorted, self.fifo
+        s, fifo, d = self.sorted, self.fifo, self.diffs
+        if fifo:
+            prev = fifo[-1]
+            insort(d, (prev / value if prev > value else value / prev) if self.log else abs(prev - value))
         fifo.append(value)
         if len(fifo) > self.window:
-            del s[bisect_left(s, fifo.popleft())]
+            old = fifo.popleft()
+            del s[bisect_left(s, old)]
+            head = fifo[0]
+            del d[bisect_left(d, (old / head if old > head else head / old) if self.log else abs(old - head))]
         insort(s, value)
         self.seen += 1
 
@@ -338,14 +398,25 @@ class _SpikeWatch:
         allow = self.spec.zscore * max(MAD_SIGMA * mad_low, floor)
         top = med_lo + allow
         top -= 1e-9 * (abs(top) + allow) + 1e-12   # far above any rounding: the full rule decides there
+        # The recent rule: its level is at least the last value, its spread at least this.
+        d = self.diffs
+        i = ((len(d) - 1) >> 1) - k
+        step_low = DIFF_SIGMA * max(0.0, g(d[i])) if i >= 0 else 0.0
+        jump = self.spec.zscore * max(step_low, REL_FLOOR if self.log else 0.0)
+        jump -= 1e-9 * jump + 1e-12
         if self.log:
             try:
                 self.ceiling = math.exp(top)
             except OverflowError:   # above every finite value
                 self.ceiling = math.inf
+            try:
+                self.jump = math.exp(jump)
+            except OverflowError:
+                self.jump = math.inf
             self.low = 0.0
         else:
             self.ceiling, self.low = top, -math.inf
+            self.jump = jump
         self.fast = k
         return True
 
@@ -361,39 +432,59 @@ class _SpikeWatch:
     def _to_linear(self) -> None:
         self.log = False
         self.streak.clear()  # only values above a positive median count, and this one is not
+        fifo = list(self.fifo)
+        self.diffs = sorted(abs(b - a) for a, b in zip(fifo, fifo[1:]))
 
-    def _outlier(self, value: float, step: int | None, record: Mapping[str, Any], med: float,
-                 z: float) -> Anomaly | None:
+    def _outlier(self, value: float, step: int | None, record: Mapping[str, Any], hit: _Hit) -> Anomaly | None:
         """Count an outlier; fire after ``patience`` in a row.
 
         Outliers stay out of the window while they are counted (a broken streak leaves no
         trace); once they have fired they join it, so that under an ``ignore`` rule the
         baseline follows a lasting change of level instead of firing on every value.
         """
-        self.streak.append((value, step, record))
+        self.streak.append((value, step, record, hit))
         if len(self.streak) < self.spec.patience:
             return None
-        anomaly = self._fire(med, z)
+        anomaly = self._fire()
         for fired in self.streak:
             self._add(fired[0])
         self.streak.clear()
         return anomaly
 
-    def _fire(self, med: float, z: float) -> Anomaly:
+    def _fire(self) -> Anomaly:
         spec = self.spec
-        value, step, _ = self.streak[-1]
-        evidence = tuple(_line(r) for _, _, r in self.streak)
+        value, step, _, hit = self.streak[-1]
+        evidence = tuple(_line(r) for _, _, r, _ in self.streak)
         n = len(self.sorted)
         row = f", {spec.patience} values in a row" if spec.patience > 1 else ""
-        if self.log:
-            level = math.exp(med)
+        limit = f"(limit {spec.zscore:g}{row})"
+        level = math.exp(hit.level) if self.log else hit.level
+        if hit.recent:
+            of = (f"its recent level {level:.4g} (the higher of the last value and the median of the "
+                  f"last {min(self.recent, n)} steps)")
+            if self.log:
+                reason = (f"{spec.metric} {value:.4g}{_at(step)} is {value / level:.3g}× {of}: {hit.z:.1f} "
+                          f"robust deviations of its step-to-step change on a log scale {limit}")
+            else:
+                reason = (f"{spec.metric} {value:.4g}{_at(step)} is {hit.z:.1f} robust deviations of its "
+                          f"step-to-step change above {of} {limit}")
+        elif self.log:
             reason = (f"{spec.metric} {value:.4g}{_at(step)} is {value / level:.3g}× its median "
-                      f"{level:.4g} over the last {n} steps: {z:.1f} robust deviations on a log scale "
-                      f"(limit {spec.zscore:g}{row})")
+                      f"{level:.4g} over the last {n} steps: {hit.z:.1f} robust deviations on a log scale "
+                      f"{limit}")
         else:
-            reason = (f"{spec.metric} {value:.4g}{_at(step)} is {z:.1f} robust deviations above its median "
-                      f"{med:.4g} over the last {n} steps (limit {spec.zscore:g}{row})")
+            reason = (f"{spec.metric} {value:.4g}{_at(step)} is {hit.z:.1f} robust deviations above its median "
+                      f"{level:.4g} over the last {n} steps {limit}")
         return Anomaly(FailureKind.SPIKE, step, spec.metric, value, reason, evidence)
+
+
+@dataclass(frozen=True)
+class _Hit:
+    """What made a value an outlier: which rule, the level (on the judging scale), the deviations."""
+
+    recent: bool
+    level: float
+    z: float
 
 
 # ---------------------------------------------------------------------------------- detectors

@@ -16,18 +16,20 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from ftrain.detect import Anomaly, Detectors
+from ftrain.kinds import FailureKind
 from ftrain.protocol import Control
 from ftrain.tail import ChangeNotifier, Tailer
 
-__all__ = ["AttemptWatch", "Intake", "OutputTalk", "ShimTalk", "Talk"]
+__all__ = ["AttemptWatch", "Intake", "OutputTalk", "ShimTalk", "Talk", "saved_during"]
 
 Record = Mapping[str, Any]
+VALUE_ANOMALIES = ("nan", "spike")   # the --inject kinds that only a detector can see
 
 
 @dataclass
@@ -46,6 +48,7 @@ class AttemptWatch:
     unknown_overrides: list[str] = field(default_factory=list)   # overrides of keys it has not
     last_record: Mapping[str, Any] = field(default_factory=dict)
     rate: float | None = None
+    started: float = field(default_factory=time.time)   # wall clock: what it saved after this is its own
     _rate_mark: tuple[float, int] | None = None
 
     @property
@@ -92,6 +95,14 @@ class AttemptWatch:
         elif now - mark[0] >= 1.0:
             self.rate = (sample - mark[1]) / (now - mark[0])
             self._rate_mark = (now, sample)
+
+
+def saved_during(found: Iterable[Any], attempt: int, since: float) -> bool:
+    """Whether one of ``found`` (checkpoints a restart could use) is attempt ``attempt``'s:
+    its manifest names the attempt, or a file without one (the script's own) is newer than
+    ``since``, the attempt's start."""
+    return any(c.attempt == attempt or (c.attempt is None and c.t is not None and c.t >= since)
+               for c in found)
 
 
 class Talk(Protocol):
@@ -157,15 +168,18 @@ class OutputTalk:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         self._pending: list[Record] = []
         self._attempt = 0
+        self._last: dict[str, Any] | None = None
 
     def begin(self, attempt: int) -> None:
         self._attempt = attempt
         self._pending.clear()
+        self._last = None
 
     def line_hook(self, line: str) -> None:
         record = self._parse(line)
-        if record is None:
-            return
+        if record is None or record == self._last:
+            return   # a bar redrawn without moving (tqdm's monitor does) is not a heartbeat
+        self._last = dict(record)
         stamped = {"step": record.pop("step"), "t": time.time(), "attempt": self._attempt, **record}
         self._pending.append(stamped)
         try:
@@ -203,9 +217,21 @@ class Intake:
         self._record = record
         self._saved = saved
         self._ignored: set[tuple[str, str | None]] = set()
+        self._seen: list[Anomaly] = []   # every anomaly of this attempt, acted on or not
 
     def begin(self) -> None:
         self._ignored.clear()
+        self._seen.clear()
+
+    def undetected(self, fired: Sequence[tuple[str, int | None]], failure_kind: FailureKind | None) -> list[str]:
+        """The value faults (``--inject`` nan, spike) that fired in this attempt but that no
+        detector saw, as ``kind@step``: the policy's ``detect:`` would miss the real thing too."""
+        watched = {FailureKind.NONFINITE, FailureKind.SPIKE, FailureKind.THRESHOLD}
+        if failure_kind in watched:
+            return []
+        return [f"{kind}@{at}" if at is not None else kind for kind, at in fired
+                if kind in VALUE_ANOMALIES and not any(
+                    a.kind in watched and (at is None or a.step is None or a.step >= at) for a in self._seen)]
 
     def take(self, records: Sequence[Record], watch: AttemptWatch, now: float, *, act: bool = True) -> Anomaly | None:
         """Take one read's records. With ``act``, returns the first anomaly that must stop the
@@ -225,6 +251,7 @@ class Intake:
             anomaly = feed(record, now)
             if anomaly is None:
                 continue
+            self._seen.append(anomaly)
             if not act:
                 self._record(anomaly, False)
             elif self.acts_on(anomaly):

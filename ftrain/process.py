@@ -137,7 +137,7 @@ class Child:
         self._log = open(log_path, "ab", buffering=0) if log_path is not None else None
         self._sink = sink
         self._line_hook = line_hook
-        self._partial = b""
+        self._partial = {False: b"", True: b""}   # the unfinished line of stdout, of stderr
         self._tail: deque[bytes] = deque()
         self._tail_size = 0
         self.started = time.time()
@@ -228,17 +228,25 @@ class Child:
         while self._tail_size > TAIL_BYTES and len(self._tail) > 1:
             self._tail_size -= len(self._tail.popleft())
         if self._line_hook is not None:
-            self._feed_lines(data)
+            self._feed_lines(data, bool(is_err))
         return True
 
-    def _feed_lines(self, data: bytes) -> None:
+    def _feed_lines(self, data: bytes, is_err: bool = False) -> None:
+        """Hand every finished line to the hook as it arrives. A line ends at ``\\n`` or at
+        ``\\r`` (DESIGN §6): a progress bar redrawn in place is read at every drawing, not
+        once when it closes. Each stream keeps its own unfinished line, so a bar on stderr
+        and a log line on stdout never splice into one. Empty lines are not handed over (a
+        ``\\r\\n`` split between two reads makes one)."""
         assert self._line_hook is not None
-        buf = self._partial + data
-        *lines, self._partial = buf.split(b"\n")
-        if len(self._partial) > TAIL_BYTES:
-            self._partial = b""
+        buf = self._partial[is_err] + data
+        if b"\r" in buf:
+            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        *lines, rest = buf.split(b"\n")
+        self._partial[is_err] = rest if len(rest) <= TAIL_BYTES else b""
+        hook = self._line_hook
         for line in lines:
-            self._line_hook(line.decode("utf-8", "replace").rstrip("\r"))
+            if line:
+                hook(line.decode("utf-8", "replace"))
 
     def _drain(self, deadline: float) -> None:
         while self._open_fds and time.monotonic() < deadline:
@@ -350,9 +358,10 @@ class Child:
         for stream in (self.proc.stdout, self.proc.stderr):
             if stream is not None:
                 stream.close()
-        if self._partial and self._line_hook is not None:
-            self._line_hook(self._partial.decode("utf-8", "replace"))
-            self._partial = b""
+        for is_err, rest in self._partial.items():
+            if rest and self._line_hook is not None:
+                self._line_hook(rest.decode("utf-8", "replace"))
+            self._partial[is_err] = b""
         if self._log is not None:
             self._log.close()
         return Exit(self.returncode, self.pid, strays)

@@ -20,7 +20,9 @@ from ftrain.inject import Fault, format_inject, parse_inject
 from ftrain.policy import Action, Decision, History
 from ftrain.protocol import format_skip, parse_skip
 
-__all__ = ["RunState", "remove_fault"]
+__all__ = ["QUIET_PROGRESS", "RunState", "remove_fault"]
+
+QUIET_PROGRESS = 60.0   # seconds an attempt of a script that reports no steps must run to count as progress
 
 
 @dataclass
@@ -66,13 +68,20 @@ class RunState:
             if t is not None:
                 self.set_aside.append((decision.resume_step if decision.resume_step is not None else -1, t))
 
-    def attempt_ended(self, max_step: int | None, *, counts: bool) -> bool:
+    def attempt_ended(self, max_step: int | None, *, counts: bool, saved: bool = False,
+                      lived: float = 0.0) -> bool:
         """Note how far an attempt got; ``counts``: it followed a restart (the first attempt
-        of a run is not judged for progress). True when it reached a new step."""
-        progress = max_step is not None and (self.best_step is None or max_step > self.best_step)
+        of a run is not judged for progress). True when it made progress: a new step, or a
+        checkpoint of its own (``saved``: a script whose counter restarts at 0 on resume still
+        moves on), or — for a script that has never reported a step, which cannot be judged
+        by steps — having run ``QUIET_PROGRESS`` seconds (``lived``) past its start-up. An
+        attempt that dies before any of these is a crash loop's."""
+        new_step = max_step is not None and (self.best_step is None or max_step > self.best_step)
+        silent = self.best_step is None and max_step is None
+        progress = new_step or saved or (silent and lived >= QUIET_PROGRESS)
         if counts:
             self.no_progress_streak = 0 if progress else self.no_progress_streak + 1
-        if progress:
+        if new_step:
             self.best_step = max_step
         return progress
 

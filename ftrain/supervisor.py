@@ -38,7 +38,7 @@ from ftrain.detect import Anomaly, Detectors
 from ftrain.errors import FtrainError, RunDirError
 from ftrain.files import write_json_atomic
 from ftrain.inject import Fault, format_inject
-from ftrain.intake import AttemptWatch, Intake, Talk
+from ftrain.intake import AttemptWatch, Intake, Talk, saved_during
 from ftrain.journal import JOURNAL_VERSION, Event, Journal, RunStatus, read_journal
 from ftrain.kinds import Failure, FailureKind
 from ftrain.launch import Launcher, LaunchSpec, make_launcher
@@ -149,6 +149,7 @@ class Supervisor:
         self._signal: int | None = None
         self._last_event = ""
         self._total: int | None = None   # the job's length, when its config says (the live view's ETA)
+        self._undetected: list[str] = []  # injected value faults no detector saw (told at the run's end)
         self._attempt_no = 0
         self.journal: Journal | None = None
         self.memory = MemoryTier(self.run_dir)   # ftrain.snapshot's host memory, one per node
@@ -312,9 +313,13 @@ class Supervisor:
                                           t_fail=judged.t if judged.t is not None else time.time(),
                                           interrupted=lambda: self._signal is not None)
             failure = verdict.failure
-            self.state.attempt_ended(watch.max_step, counts=n > 1 or self.state.restarts > 0)
+            counts = n > 1 or self.state.restarts > 0
+            saved = watch.saves > 0 or counts and saved_during(
+                self.script.usable(self.checkpoint_dir, self.state.set_aside), n, watch.started)
+            self.state.attempt_ended(watch.max_step, counts=counts, saved=saved, lived=time.time() - watch.started)
             for kind, step in watch.fired:
                 self.state.inject = remove_fault(self.state.inject, kind, step)
+            self._undetected += self.intake.undetected(watch.fired, failure.kind if failure else None)
 
             if failure is not None and verdict.must_decide:
                 self._promote_snapshot(failure)
@@ -405,8 +410,12 @@ class Supervisor:
         return f"; {count} steps skipped by rollbacks ({format_skip([(a, b) for a, b in merged])}{share})"
 
     def _end_run(self, status: RunStatus, reason: str, code: int) -> int:
+        if self._undetected:
+            self._say(f"injected fault(s) {', '.join(self._undetected)} fired but no detector saw them: "
+                      "the policy's detect: section would miss the real thing", "warn")
         self._event(Event.RUN_END, status=status.value, reason=reason, exit_code=int(code),
-                    attempts=self.state.attempt, restarts=self.state.restarts)
+                    attempts=self.state.attempt, restarts=self.state.restarts,
+                    undetected=self._undetected or None)
         self._say(f"run {status.value}: {reason}", "info" if status is RunStatus.SUCCEEDED else "error")
         return int(code)
 

@@ -303,8 +303,10 @@ def test_spike_detector_agrees_with_the_obvious_implementation(seed: int, patien
 
 
 def reference_alarms(values: list[float], spec: SpikeSpec) -> list[tuple[int, float]]:
-    """The spike rule from scratch on every value, as (index, robust deviations) per alarm.
-    The window keeps the raw values; while they are all positive they are judged as logs."""
+    """The spike rules from scratch on every value, as (index, robust deviations) per alarm.
+    The window keeps the raw values; while they are all positive they are judged as logs.
+    The window rule first; else the recent rule (the step-to-step spread above the higher of
+    the last value and the median of the last 10)."""
     base: list[float] = []
     log, seen, streak, alarms = True, 0, [], []
     for i, v in enumerate(values):
@@ -314,11 +316,18 @@ def reference_alarms(values: list[float], spec: SpikeSpec) -> list[tuple[int, fl
             med = statistics.median([g(b) for b in base])
             mad = statistics.median([abs(g(b) - med) for b in base])
             scale = max(1.4826 * mad, 0.01 if log else 0.01 * abs(med) + 1e-12)
-            if g(v) - med > spec.zscore * scale:
+            z = (g(v) - med) / scale if g(v) - med > spec.zscore * scale else None
+            if z is None:
+                spread = 1.4826 / math.sqrt(2) * statistics.median(
+                    [abs(g(b) - g(a)) for a, b in zip(base, base[1:])])
+                level = max(g(base[-1]), statistics.median([g(b) for b in base[-min(10, spec.window):]]))
+                scale = max(spread, 0.01 if log else 0.01 * abs(level) + 1e-12)
+                z = (g(v) - level) / scale if g(v) - level > spec.zscore * scale else None
+            if z is not None:
                 streak.append(v)
                 if len(streak) < spec.patience:
                     continue
-                alarms.append((i, (g(v) - med) / scale))
+                alarms.append((i, z))
             else:
                 streak = []
         for y in streak or [v]:  # fired outliers join the baseline; pending ones do not
