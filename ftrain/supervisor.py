@@ -415,7 +415,13 @@ class Supervisor:
         # time: whether a NaN two lines before the exit is acted on must not depend on how
         # soon this process was scheduled. Past an anomaly, or after we asked it to stop, the
         # rest is only journaled.
-        late = self.intake.take(talk.read_new(), watch, time.monotonic(), act=anomaly is None and not interrupted)
+        late = None
+        while True:   # batch by batch: a flood's last lines (its NaN) are judged too
+            found = self.intake.take(talk.read_new(), watch, time.monotonic(),
+                                     act=anomaly is None and not interrupted and late is None)
+            late = late or found
+            if not talk.backlog:
+                break
         if late is not None:
             self._say(f"attempt {n} ended before its last lines were read: {late.reason}", "warn")
             anomaly, ended_first = late, True
@@ -448,7 +454,7 @@ class Supervisor:
             timeout = POLL_IDLE   # records arrive with the output the pump reads
         last_status = 0.0
         prepared = False
-        while child.pump(timeout):
+        while child.pump(0 if talk.backlog else timeout):   # a backlog is read on at once
             now = time.monotonic()
             seen = watch.steps
             anomaly = self.intake.take(talk.read_new(), watch, now)
@@ -471,7 +477,7 @@ class Supervisor:
             if now - last_status >= STATUS_EVERY:
                 last_status = now
                 self.report.status(n, watch.last_step, watch.metrics, watch.rate, self._last_event)
-            if child.woken and watch.steps != seen:
+            if child.woken and watch.steps != seen and not talk.backlog:
                 time.sleep(COALESCE)  # let a busy stream gather: one look per COALESCE, not per line
         return None, False
 
