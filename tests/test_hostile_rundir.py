@@ -459,3 +459,78 @@ def test_inspect_of_a_runs_folder_lists_its_runs_and_never_reads_a_timestamp_as_
     assert all(c["step"] is None for c in json.loads(p.stdout))
     p = run_ftrain("inspect", str(tmp_path / "outside-nothing"), cwd=tmp_path)
     assert p.returncode == 2
+
+
+# ------------------------------------------------------------------------ kill -9 at random moments
+KILL9_POLICY = """
+version: 1
+max_restarts: 5
+grace: 3s
+backoff: 0s
+detect: {hang: {timeout: 20s, startup: 60s}}
+rules:
+  - when: [segfault, aborted, killed, exit_nonzero, preempted, hang]
+    action: restart
+"""
+
+
+def _metric_lines(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    out = []
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "loss" in rec:
+            out.append(rec)
+    return out
+
+
+def test_kill_9_of_the_supervisor_at_random_moments_then_resume_loses_nothing(tmp_path, write):
+    """The kill -9 / resume test of test_state.py at N random moments (20 in CI or with
+    RUN_SLOW=1, else 3): from before the run folder exists to the last step. Each time the run
+    ends succeeded, every attempt after the first starts right after its checkpoint, no two
+    attempts ever trained at once, and no process of any attempt is left."""
+    import random
+
+    n = 20 if os.environ.get("CI") or os.environ.get("RUN_SLOW") == "1" else 3
+    seed = int(os.environ.get("FTRAIN_KILL9_SEED") or time.time())
+    rng = random.Random(seed)
+    policy, config = write("p.yaml", KILL9_POLICY), cfg(tmp_path, 60, 5, 0.02)
+    args = (JOB, "--policy", str(policy), "--config", str(config), "--no-ui")
+    for i in range(n):
+        run = tmp_path / f"run{i}"
+        delay = rng.uniform(0.0, 2.5)
+        where = f"seed {seed}, trial {i}, kill after {delay:.2f}s"
+        proc = subprocess.Popen(ftrain_cmd("run", *args, "--run-dir", str(run)), cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        started = run.is_dir() and (run / "journal.jsonl").exists() and \
+            any(e["event"] == "run_start" for e in events(run))
+        if started:
+            p = run_ftrain("resume", str(run), "--no-ui", cwd=tmp_path, timeout=120)
+        else:   # killed before the run started: `run --run-dir` takes the folder (resume says so)
+            if run.is_dir() and (run / "journal.jsonl").exists():
+                r = run_ftrain("resume", str(run), "--no-ui", cwd=tmp_path)
+                assert r.returncode == 2 and "--run-dir" in r.stderr, (where, r.stderr)
+            p = run_ftrain("run", *args, "--run-dir", str(run), cwd=tmp_path, timeout=120)
+        assert p.returncode == 0, (where, p.stderr)
+        evts = events(run)
+        assert evts[-1]["event"] == "run_end" and evts[-1]["status"] == "succeeded", where
+        lines = _metric_lines(run)
+        by_attempt: dict[int, list[dict]] = {}
+        for rec in lines:
+            by_attempt.setdefault(rec["attempt"], []).append(rec)
+        for start in of(evts, "attempt_start")[1:]:
+            steps = [r["step"] for r in by_attempt.get(start["attempt"], [])]
+            expected = 0 if start["resume_step"] is None else start["resume_step"] + 1
+            assert steps and steps[0] == expected, (where, start, steps[:3])
+        attempts = sorted(by_attempt)
+        for a, b in zip(attempts, attempts[1:]):   # never two trainers at once
+            assert max(r["t"] for r in by_attempt[a]) < min(r["t"] for r in by_attempt[b]), (where, a, b)
+        assert max(r["step"] for r in lines) == 59, where
+        for start in of(evts, "attempt_start"):
+            assert not pid_alive(start["pid"]), (where, start["attempt"])
