@@ -12,7 +12,8 @@ from __future__ import annotations
 import enum
 import json
 import os
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from stat import S_ISREG
@@ -122,6 +123,57 @@ def newest_usable(checkpoints: Iterable[Checkpoint], *, max_step: int | None = N
     return max(usable, key=lambda c: (c.step, c.status is CheckpointStatus.OK), default=None)
 
 
+def restart_candidates(found: Iterable[Checkpoint]) -> list[Checkpoint]:
+    """The checkpoints a restart may use, by step: the ``ok`` ones, and ``unverified`` ones
+    only from before the oldest ``ok`` one. A file without a manifest (a stray, or a save
+    cut between its rename and its manifest) never outranks a verified checkpoint."""
+    usable = [c for c in found if c.status.usable and c.step is not None]
+    oks = [c.step for c in usable if c.status is CheckpointStatus.OK and c.step is not None]
+    first_ok = min(oks, default=None)
+    kept = [c for c in usable if c.status is CheckpointStatus.OK or first_ok is None
+            or (c.step is not None and c.step < first_ok)]
+    return sorted(kept, key=lambda c: (c.step, c.status is CheckpointStatus.OK))
+
+
+# A resume that died loading its checkpoint: the traceback passes through the shim's
+# load_checkpoint or torch.load, or the shim's own check refused the file.
+_LOAD_FRAMES = re.compile(r'File "[^"]*(?:ftrain/shim/__init__\.py", line \d+, in load_checkpoint'
+                          r'|torch/serialization\.py", line \d+, in load)\b|^ftrain\.load_checkpoint: '
+                          r'|CheckpointError: .*ftrain\.load_checkpoint: ')
+
+
+def load_failure(tail: Sequence[str]) -> str | None:
+    """The last line of the traceback of a failed checkpoint load in an attempt's output
+    ``tail``, or None when the output shows no load that failed."""
+    for i, line in enumerate(tail):
+        if _LOAD_FRAMES.search(line):
+            rest = [x.strip() for x in tail[i + 1:] if x.strip() and not x.startswith((" ", "\t"))]
+            return (rest[-1] if rest else line.strip())[:200]
+    return None
+
+
+def set_aside(path: str | os.PathLike[str]) -> list[Path]:
+    """Move one checkpoint (its data file and manifest) into ``quarantine/`` beside it: it
+    failed to load, so no restart may choose it again. Returns the new paths."""
+    data = Path(path)
+    manifest_name = ckptfmt.manifest_for(data.name)
+    sources = [p for p in (data, data.parent / manifest_name if manifest_name else None)
+               if p is not None and os.path.lexists(p)]
+    if not sources:
+        return []
+    qdir = data.parent / ckptfmt.QUARANTINE_DIR
+    qdir.mkdir(exist_ok=True)
+    suffix = _free_suffix(qdir, [p.name for p in sources])
+    moved = []
+    for src in sources:
+        dst = qdir / (src.name + suffix)
+        os.rename(src, dst)
+        moved.append(dst)
+    _fsync_dir(qdir)
+    _fsync_dir(data.parent)
+    return moved
+
+
 def quarantine(directory: str | os.PathLike[str], *, after_step: int) -> list[Path]:
     """Move every checkpoint with a step > ``after_step`` (data, manifest, leftovers) into
     ``<directory>/quarantine/``, by atomic renames; returns the new paths.
@@ -147,6 +199,43 @@ def quarantine(directory: str | os.PathLike[str], *, after_step: int) -> list[Pa
     _fsync_dir(qdir)
     _fsync_dir(root)
     return moved
+
+
+def remove_leftovers(directory: str | os.PathLike[str], *, before: float) -> list[Path]:
+    """Delete the ``.tmp-step-*`` files of interrupted saves in ``directory`` (not in its
+    quarantine): those last modified before ``before`` whose writer (the pid in the name)
+    no longer runs here. Call it only when no process of the run's attempts is alive, so no
+    live save loses its file. Returns what went."""
+    root = Path(directory)
+    removed: list[Path] = []
+    for name, entry in _list(root).items():
+        match = ckptfmt.TEMP_RE.match(name)
+        if match is None:
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if st.st_mtime >= before or not S_ISREG(st.st_mode) or _pid_alive(int(name.rsplit(".", 1)[1])):
+            continue
+        try:
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except OSError:
+            pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True    # someone else's process
+    except (OverflowError, ValueError):
+        return False   # a pid no process can have
+    return True
 
 
 # --------------------------------------------------------------------------- scanning
@@ -293,11 +382,17 @@ def _foreign(entry: os.DirEntry[str], status: CheckpointStatus) -> Checkpoint | 
         is_dir = False
     if entry.name.startswith(".") or not (is_dir or entry.name.endswith(CHECKPOINT_SUFFIXES)):
         return None
-    step = ckptfmt.guess_step(entry.name)
+    if is_dir and os.path.lexists(os.path.join(entry.path, "journal.jsonl")):
+        return None   # a run folder, not a checkpoint
+    step = None if _STAMP_RE.search(entry.name) else ckptfmt.guess_step(entry.name)
     if status is CheckpointStatus.UNVERIFIED:
         return _unverified(entry, step, "no manifest")
     size, mtime = _size_and_mtime(entry)
     return Checkpoint(Path(entry.path), step, status, bytes=max(size, 0), t=mtime)
+
+
+# A date and time in a name (``run-20261207-053000``): a timestamp, never a step.
+_STAMP_RE = re.compile(r"(?:19|20)\d{6}[-_T]?\d{4,6}(?!\d)")
 
 
 def _size_and_mtime(entry: os.DirEntry[str]) -> tuple[int, float | None]:

@@ -17,7 +17,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-__all__ = ["TooLarge", "fsync_dir", "read_bounded", "write_atomic", "write_json_atomic"]
+__all__ = ["TooLarge", "end_torn_line", "fsync_dir", "read_bounded", "write_atomic", "write_json_atomic"]
 
 
 class TooLarge(OSError):
@@ -34,6 +34,28 @@ def fsync_dir(directory: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     except OSError:
         pass
+    finally:
+        os.close(fd)
+
+
+def end_torn_line(path: str | os.PathLike[str]) -> bool:
+    """Terminate a torn last line of the JSON-lines file ``path`` (a write cut short by a
+    full disk or a kill), so the next line starts on a line of its own; True if it did.
+    Only while nothing else writes the file (between two attempts); never through a symlink."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        import stat
+
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size == 0 or os.pread(fd, 1, st.st_size - 1) == b"\n":
+            return False
+        os.write(fd, b"\n")
+        return True
+    except OSError:   # the disk is still full: the reader's resync at the next newline covers it
+        return False
     finally:
         os.close(fd)
 

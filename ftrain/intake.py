@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ftrain.detect import Anomaly, Detectors
+from ftrain.files import end_torn_line
 from ftrain.kinds import FailureKind
 from ftrain.protocol import Control
 from ftrain.tail import ChangeNotifier, Tailer
@@ -119,7 +120,12 @@ class Talk(Protocol):
     def begin(self, attempt: int) -> None:
         """Attempt ``attempt`` starts now: only what it writes from now on counts."""
 
-    def read_new(self) -> Sequence[Record]: ...
+    def read_new(self) -> Sequence[Record]:
+        """The records that arrived since the last call: one bounded batch."""
+
+    @property
+    def backlog(self) -> bool:
+        """More records were waiting than the last ``read_new`` returned (read again soon)."""
 
     def end(self) -> None:
         """The attempt is over (its last records were read)."""
@@ -140,10 +146,15 @@ class ShimTalk:
 
     def begin(self, attempt: int) -> None:
         self.end()
+        end_torn_line(self.path)   # the last attempt's cut line must not swallow this one's first
         self._tailer = Tailer(self.path, start_at_end=True)
 
     def read_new(self) -> Sequence[Record]:
         return self._tailer.read_new() if self._tailer is not None else []
+
+    @property
+    def backlog(self) -> bool:
+        return self._tailer is not None and self._tailer.backlog
 
     def end(self) -> None:
         if self._tailer is not None:
@@ -161,6 +172,7 @@ class OutputTalk:
     """Metrics read from the script's own output by the ``script:`` adapter's regexes."""
 
     notifier = None
+    backlog = False   # the pump's reads are bounded already
 
     def __init__(self, parse: Callable[[str], dict[str, Any] | None], metrics_path: Path) -> None:
         self._parse = parse

@@ -8,8 +8,10 @@ tolerates a torn last line (power loss mid-write): it is skipped, never fatal.
 from __future__ import annotations
 
 import enum
+import errno
 import json
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -54,21 +56,27 @@ class Journal:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
         try:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._fd = os.open(self.path, flags, 0o644)
         except OSError as exc:
-            raise RunDirError(f"{self.path}: cannot open journal: {exc.strerror}") from exc
+            why = "it is a symlink" if exc.errno == errno.ELOOP else exc.strerror
+            raise RunDirError(f"{self.path}: cannot open journal: {why}") from exc
+        st = os.fstat(self._fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(self._fd)
+            self._fd = -1
+            raise RunDirError(f"{self.path}: cannot open journal: not a regular file")
         self._repair_torn_tail()
 
     def _repair_torn_tail(self) -> None:
         """Terminate a torn last line so the next event starts on a line of its own."""
         size = os.fstat(self._fd).st_size
-        if size == 0:
-            return
-        with open(self.path, "rb") as f:
-            f.seek(size - 1)
-            if f.read(1) != b"\n":
+        if size and os.pread(self._fd, 1, size - 1) != b"\n":
+            try:
                 os.write(self._fd, b"\n")
+            except OSError as exc:
+                raise RunDirError(f"{self.path}: cannot write the journal: {exc.strerror}") from exc
 
     def write(self, event: Event, **fields: Any) -> dict[str, Any]:
         record = {"t": round(time.time(), 6), "event": event.value, **fields}

@@ -205,12 +205,73 @@ def inspect_path(path: Path, *, as_json: bool, plot: Path | None) -> int:
         return 0
     if plot is not None:
         raise RunDirError(f"{path}: --plot needs a run folder (one with journal.jsonl)")
+    runs = list_runs(path)
+    if runs:
+        if as_json:
+            print(json.dumps(runs, indent=2, default=str))
+        else:
+            print_runs(path, runs)
+        return 0
     found = checkpoints.scan(path)
+    if not found and not as_json:
+        what = "a file" if path.is_file() else "a folder"
+        print(f"{path}: {what} with no run and no checkpoint (a run folder holds journal.jsonl; "
+              "a checkpoint folder, step-*.pt or other checkpoint files)")
+        return 0
     if as_json:
         print(json.dumps([c.to_json() for c in found], indent=2, default=str))
     else:
         print_checkpoints(path, found)
     return 0
+
+
+def list_runs(path: Path) -> list[dict[str, Any]]:
+    """The run folders directly inside ``path`` (a ``runs/`` folder), oldest first: name,
+    status, attempts and last step of each, from its journal. A journal that cannot be read
+    is listed with its problem; an empty list when ``path`` holds no run."""
+    if not path.is_dir():
+        return []
+    try:
+        entries = sorted(p for p in path.iterdir() if not p.is_symlink() and (p / "journal.jsonl").is_file())
+    except OSError:
+        return []
+    runs: list[dict[str, Any]] = []
+    for run in entries:
+        row: dict[str, Any] = {"run_dir": str(run), "name": run.name, "status": None, "attempts": 0,
+                               "last_step": None, "problem": None}
+        try:
+            events = read_journal(run / "journal.jsonl")
+        except RunDirError as exc:
+            row["problem"] = str(exc)
+            runs.append(row)
+            continue
+        row["status"] = "not started" if not any(e.get("event") == Event.RUN_START.value for e in events) \
+            else "running"
+        for ev in events:
+            name = ev.get("event")
+            if name == Event.ATTEMPT_START.value:
+                row["attempts"] = max(row["attempts"], ev["attempt"])
+            elif name == Event.ATTEMPT_END.value and isinstance(ev.get("last_step"), int):
+                row["last_step"] = max(row["last_step"] if row["last_step"] is not None else -1, ev["last_step"])
+            elif name == Event.RUN_END.value:
+                row["status"] = ev["status"]
+        runs.append(row)
+    return runs
+
+
+def print_runs(path: Path, runs: Sequence[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"{path}: {len(runs)} run folder(s)", title_justify="left")
+    for col in ("run", "status", "attempts", "last step"):
+        table.add_column(col, justify="right" if col in ("attempts", "last step") else "left", no_wrap=True)
+    for r in runs:
+        table.add_row(r["name"], r["status"] or f"unreadable: {r['problem']}", str(r["attempts"]),
+                      "-" if r["last_step"] is None else str(r["last_step"]))
+    console.print(table)
+    console.print(f"`ftrain inspect {path}/NAME` shows one run's story")
 
 
 def print_story(story: RunStory) -> None:

@@ -167,12 +167,20 @@ def fired_injections(metrics_path: Path) -> list[tuple[str, int | None]]:
 def resume_run(run_dir: Path | None, *, max_restarts: int | None, no_ui: bool) -> int:
     """Continue a run from its journal. Returns the exit status."""
     run_dir = (run_dir if run_dir is not None else newest_run()).absolute()
-    info = read_run_json(run_dir)
     journal = run_dir / "journal.jsonl"
-    events = read_journal(journal)
-    start = next((e for e in events if e.get("event") == Event.RUN_START.value), None)
+    events = read_journal(journal) if run_dir.is_dir() and os.path.lexists(journal) else None
+    start = next((e for e in events or () if e.get("event") == Event.RUN_START.value), None)
+    if events is not None and start is None and not any(e.get("event") == Event.ATTEMPT_START.value for e in events):
+        raise RunDirError(f"{run_dir}: the run never started (its supervisor stopped before run_start); "
+                          f"start it with `ftrain run SCRIPT ... --run-dir {run_dir}`")
+    info = read_run_json(run_dir)
+    if events is None:
+        events = read_journal(journal)
     if start is None:
-        raise RunDirError(f"{run_dir}: the journal has no run_start")
+        raise RunDirError(f"{journal}: the journal has no run_start")
+    if start.get("command") is not None and tuple(start["command"]) != info.command:
+        raise RunDirError(f"{run_dir / 'run.json'}: command {list(info.command)!r} is not the one the run started "
+                          f"with ({journal}: run_start: {start['command']!r})"[:400])
     version = start.get("journal_version", 1)
     if type(version) is not int or version > JOURNAL_VERSION:
         raise RunDirError(f"{run_dir}: written by a newer ftrain (journal version {version!r}); "
@@ -216,6 +224,8 @@ def resume_run(run_dir: Path | None, *, max_restarts: int | None, no_ui: bool) -
         except (ValueError, TypeError) as exc:
             raise RunDirError(f"{run_dir / 'run.json'}: distributed: {exc}") from exc
         job_dir = job_dir_of(spec, run_dir)
+    if spec is None:
+        _redo_rollback(events, script_side, run_dir / "checkpoints")
     reporter = make_reporter(no_ui)
     supervisor = Supervisor(run_dir, policy, launch, reporter, state=state, max_restarts=budget,
                             script=script_side, topology=make_topology(spec, run_dir, job_dir, reporter),
@@ -223,6 +233,26 @@ def resume_run(run_dir: Path | None, *, max_restarts: int | None, no_ui: bool) -
                             launcher=make_launcher(policy.warm_start, cwd, launch.command[0]),
                             open_attempt=_open_attempt(events))
     return supervisor.run(resuming=True)
+
+
+def _redo_rollback(events: Sequence[dict[str, Any]], script: Script, checkpoint_dir: Path) -> None:
+    """A rollback decided and journaled, but no attempt started after it: its supervisor may
+    have died before the quarantine was done. Redo it (it is idempotent), so that the newest
+    usable checkpoint is the decision's target again, not a poisoned one."""
+    last = None
+    for ev in events:
+        if ev.get("event") == Event.DECISION.value:
+            last = ev
+        elif ev.get("event") == Event.ATTEMPT_START.value:
+            last = None
+    if last is None or last.get("action") != "rollback":
+        return
+    from ftrain.policy import Decision
+
+    try:
+        script.roll_back(Decision.from_json(last), checkpoint_dir)
+    except OSError as exc:
+        raise RunDirError(f"{checkpoint_dir}: cannot redo the journaled rollback's quarantine: {exc.strerror}") from exc
 
 
 def _open_attempt(events: Sequence[dict[str, Any]]) -> dict[str, Any] | None:

@@ -59,9 +59,9 @@ class ShimScript:
         return CheckpointSource()
 
     def usable(self, checkpoint_dir: Path, set_aside: Sequence[tuple[int, float]]) -> list[Any]:
-        """ftrain's checkpoints a restart may use (``ok`` or ``unverified``, with a step), oldest first."""
-        usable = {checkpoints.CheckpointStatus.OK, checkpoints.CheckpointStatus.UNVERIFIED}
-        return [c for c in checkpoints.scan(checkpoint_dir) if c.status in usable and c.step is not None]
+        """ftrain's checkpoints a restart may use (``ok``, or ``unverified`` from before the
+        first ``ok`` one), oldest first."""
+        return checkpoints.restart_candidates(checkpoints.scan(checkpoint_dir))
 
     def roll_back(self, decision: Decision, checkpoint_dir: Path) -> str | None:
         """Quarantine the checkpoints after the one the rollback resumes from."""

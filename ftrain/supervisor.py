@@ -19,12 +19,14 @@ the run folder and its journal; everything a resume needs is in ``journal.jsonl`
 from __future__ import annotations
 
 import enum
+import errno
 import fcntl
 import math
 import os
 import platform
 import signal
 import socket
+import stat
 import sys
 import time
 import traceback
@@ -90,24 +92,45 @@ class Reporter(Protocol):
     def close(self) -> None: ...
 
 
+class WriteFailed(Exception):
+    """ftrain could not write a file of the run folder (a full disk, read-only media, an I/O
+    error): not a bug of ours and not the script's failure. The message names the file and
+    what was being written; the run stops with ``ExitCode.INTERNAL`` and stays resumable."""
+
+
+# Errors of the medium, not of ftrain: said in one line, without a traceback file.
+_MEDIUM_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG}
+
+
 class RunLock:
     """An exclusive lock on a run folder, held while a supervisor works on it. The kernel
-    drops it when the holder dies, so a stale lock of a dead supervisor is simply taken."""
+    drops it when the holder dies, so a stale lock of a dead supervisor is simply taken.
+    ``.lock`` is opened without following a symlink and must be a regular file of its own
+    (no hard link to a file elsewhere): the lock writes its pid into it."""
 
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / ".lock"
         try:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                               0o644)
         except OSError as exc:
-            raise RunDirError(f"{run_dir}: cannot lock the run folder: {exc.strerror}") from exc
+            why = "it is a symlink" if exc.errno == errno.ELOOP else exc.strerror
+            raise RunDirError(f"{self.path}: cannot lock the run folder: {why}") from exc
+        st = os.fstat(self._fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(self._fd)
+            raise RunDirError(f"{self.path}: cannot lock the run folder: not a regular file of its own")
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "another process"
             os.close(self._fd)
             raise RunDirError(f"{run_dir}: in use by a running supervisor (pid {holder})") from None
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:   # the pid is only a courtesy for the next one's message (a full disk)
+            pass
 
     def release(self) -> None:
         if self._fd >= 0:
@@ -151,18 +174,26 @@ class Supervisor:
         self._total: int | None = None   # the job's length, when its config says (the live view's ETA)
         self._undetected: list[str] = []  # injected value faults no detector saw (told at the run's end)
         self._attempt_no = 0
+        self._launched = 0   # attempts this supervisor started
+        self._quiet_since = time.time()   # no process of an attempt of ours wrote after this
         self.journal: Journal | None = None
         self.memory = MemoryTier(self.run_dir)   # ftrain.snapshot's host memory, one per node
 
     # ------------------------------------------------------------------ lifecycle
     def run(self, *, resuming: bool = False) -> int:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunDirError(f"{self.run_dir}: cannot create the run folder: {exc.strerror}") from exc
         lock = RunLock(self.run_dir)
         previous: dict[int, Any] = {}
         try:
             self.journal = Journal(self.run_dir / "journal.jsonl")
-            self.checkpoint_dir.mkdir(exist_ok=True)
-            (self.run_dir / "attempts").mkdir(exist_ok=True)
+            try:
+                self.checkpoint_dir.mkdir(exist_ok=True)
+                _own_folder(self.run_dir / "attempts", self.run_dir)
+            except OSError as exc:
+                raise RunDirError(f"{exc.filename}: cannot create: {exc.strerror}") from exc
             self._talk = self.script.talk(self.metrics_path)
             previous = {sig: signal.signal(sig, self._on_signal)
                         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
@@ -183,7 +214,12 @@ class Supervisor:
             if self._child is not None:
                 self._stop_child()
             raise
+        except WriteFailed as exc:
+            return self._write_failed(str(exc))
         except Exception as exc:   # a bug of ours, or the machine (a full disk): say so, stop, stay resumable
+            if isinstance(exc, OSError) and exc.errno in _MEDIUM_ERRORS:
+                where = f"{exc.filename}: " if exc.filename else ""
+                return self._write_failed(f"{where}{exc.strerror or exc}")
             return self._internal_error(exc)
         finally:
             self.launcher.close()
@@ -200,6 +236,19 @@ class Supervisor:
                 self.journal.close()
             self.memory.release()
             lock.release()
+
+    def _write_failed(self, what: str) -> int:
+        """A file of the run folder could not be written (the journal on a full disk): ask the
+        child to save and stop, say in one line what failed and where, exit ``INTERNAL``. The
+        journal is not written again (it may be what failed): a resume closes the attempt.
+        Before anything was launched it is a ``RunDirError`` (exit 2) instead."""
+        had_child = self._child is not None
+        self._stop_child()
+        if not had_child and self._launched == 0:
+            raise RunDirError(f"{what}; nothing was launched")
+        print(f"ftrain: error: {what}; the script was asked to save and stop; "
+              f"make room, then `ftrain resume {self.run_dir}` continues", file=sys.stderr, flush=True)
+        return ExitCode.INTERNAL
 
     def _internal_error(self, exc: BaseException) -> int:
         """An unexpected exception in the loop: stop the child, journal ``run_end``, one line."""
@@ -229,9 +278,15 @@ class Supervisor:
             pass
 
     def _event(self, event: Event, **fields: Any) -> dict[str, Any]:
-        """Journal an event and tell the listeners (TensorBoard mirror, …)."""
+        """Journal an event and tell the listeners (TensorBoard mirror, …). A write that
+        fails (a full disk) is a ``WriteFailed`` naming the journal and the event."""
         assert self.journal is not None
-        record = self.journal.write(event, **fields)
+        try:
+            record = self.journal.write(event, **fields)
+        except OSError as exc:
+            what = event.value + (f" '{fields['reason']}'" if isinstance(fields.get("reason"), str) else "")
+            raise WriteFailed(f"{self.journal.path}: cannot write to the journal ({what[:160]}): "
+                              f"{exc.strerror or exc}") from exc
         for listener in self.listeners:
             listener.on_event(record)
         return record
@@ -261,6 +316,17 @@ class Supervisor:
         if promoted is not None:
             self._say(f"snapshot of step {promoted.step} kept as {promoted.path.name} "
                       f"({promoted.bytes / 1e6:.1f} MB in {promoted.seconds * 1e3:.0f} ms)")
+
+    def _clean_leftovers(self) -> None:
+        """Remove the temporary files of saves that an ended attempt left half-written: only
+        those last written before this supervisor's attempts were all gone, by a process
+        that no longer exists. The deciding node cleans the shared folder."""
+        if self.topology.job_dir.resolve() != self.run_dir.resolve():
+            return
+        removed = checkpoints.remove_leftovers(self.checkpoint_dir, before=self._quiet_since)
+        if removed:
+            self._say(f"removed {len(removed)} leftover file(s) of interrupted saves: "
+                      + ", ".join(p.name for p in removed[:3]) + (" …" if len(removed) > 3 else ""))
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         # SIGUSR1 is the usual Slurm pre-timeout notice (--signal=USR1@90): treat as preemption.
@@ -333,15 +399,18 @@ class Supervisor:
 
             decision = verdict.decision
             if decision is None:
+                decision = self._bad_checkpoint(failure, watch, outcome.tail)
+            if decision is None:
                 usable = self.script.usable(self.checkpoint_dir, self.state.set_aside)
                 decision = self.policy.decide(failure, self.state.history(), usable, self.script.checkpoint_source())
+            # Journaled before its quarantine: a resume after a kill in between redoes it (runs.resume_run).
+            self._journal_decision(n, decision, failure)
             if verdict.must_decide:   # only the deciding node moves (shared) checkpoints, then tells the others
                 if decision.action is Action.ROLLBACK:
                     moved = self.script.roll_back(decision, self.checkpoint_dir)
                     if moved:
                         self._say(moved)
                 self.topology.announce(n, failure, decision)
-            self._journal_decision(n, decision, failure)
             self._end_attempt(n, exit_, watch, failure)
             if decision.action is Action.IGNORE:
                 # An ignored anomaly that ended the attempt (exit 0 with NaN last): the script finished.
@@ -355,6 +424,28 @@ class Supervisor:
                 self._say(f"waiting {decision.backoff:g}s before attempt {n + 1}")
                 if not self._sleep(decision.backoff):
                     return self._interrupted("interrupted during backoff")
+
+    def _bad_checkpoint(self, failure: Failure, watch: AttemptWatch, tail: Sequence[str]) -> Decision | None:
+        """An attempt that died loading the checkpoint it resumed from, before its first
+        step: that checkpoint is bad, whatever its manifest says. Set it aside in
+        ``quarantine/`` and restart from the one before (the script did not fail; its
+        file did), within ``max_restarts``. None for any other failure."""
+        bad = self.state.resume_from
+        if bad is None or watch.first_step is not None or self.state.restarts >= self.policy.max_restarts \
+                or Path(bad).parent.resolve() != self.checkpoint_dir.resolve():
+            return None
+        evidence = checkpoints.load_failure(tail)
+        if evidence is None:
+            return None
+        checkpoints.set_aside(bad)
+        before = [c for c in self.script.usable(self.checkpoint_dir, self.state.set_aside)
+                  if self.state.resume_step is None or (c.step is not None and c.step < self.state.resume_step)]
+        prev = before[-1] if before else None
+        where = f"from step {prev.step}" if prev is not None else "from scratch"
+        return Decision(Action.RESTART, resume_from=str(prev.path) if prev is not None else None,
+                        resume_step=prev.step if prev is not None else None,
+                        reason=f"{failure.kind.value}: {Path(bad).name} failed to load ({evidence}): set aside "
+                               f"in quarantine/ as bad; restart {where}")
 
     def _interrupted(self, what: str) -> int:
         code = ExitCode.INTERRUPTED if self._signal == signal.SIGINT else ExitCode.TERMINATED
@@ -425,9 +516,16 @@ class Supervisor:
         assert self._talk is not None
         talk = self._talk
         attempt_dir = self.run_dir / "attempts" / f"{n:04d}"
-        attempt_dir.mkdir(parents=True, exist_ok=True)
         config_path = attempt_dir / "config.yaml"
-        config_path.write_text(overrides.dump_config(self.state.config))
+        try:
+            _own_folder(attempt_dir, self.run_dir)
+            config_path.unlink(missing_ok=True)   # never written through a link left in its place
+            fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "w") as f:
+                f.write(overrides.dump_config(self.state.config))
+        except OSError as exc:
+            raise WriteFailed(f"{exc.filename or config_path}: cannot write: {exc.strerror or exc}") from exc
+        self._clean_leftovers()
         self._total = total_steps(self.state.config)
         env = self._child_env(n, config_path)
         command = self.topology.wrap(self.launch.command, n, attempt_dir)
@@ -437,6 +535,7 @@ class Supervisor:
         watch = AttemptWatch()
         launched = self.launcher.start(command, env, attempt_dir / "output.log", self.report.output, talk.line_hook)
         child = self._child = launched.child
+        self._launched += 1
         if launched.note:
             self._say(launched.note, "warn")
         self._event(Event.ATTEMPT_START, attempt=n, pid=child.pid, host=socket.gethostname(),
@@ -462,11 +561,18 @@ class Supervisor:
             self._stop_for(child, anomaly)
         exit_ = child.finish()
         self._child = None
+        self._quiet_since = time.time()
         # What the script wrote before it ended but was read only now is judged as if read in
         # time: whether a NaN two lines before the exit is acted on must not depend on how
         # soon this process was scheduled. Past an anomaly, or after we asked it to stop, the
         # rest is only journaled.
-        late = self.intake.take(talk.read_new(), watch, time.monotonic(), act=anomaly is None and not interrupted)
+        late = None
+        while True:   # batch by batch: a flood's last lines (its NaN) are judged too
+            found = self.intake.take(talk.read_new(), watch, time.monotonic(),
+                                     act=anomaly is None and not interrupted and late is None)
+            late = late or found
+            if not talk.backlog:
+                break
         if late is not None:
             self._say(f"attempt {n} ended before its last lines were read: {late.reason}", "warn")
             anomaly, ended_first = late, True
@@ -499,7 +605,7 @@ class Supervisor:
             timeout = POLL_IDLE   # records arrive with the output the pump reads
         last_status = 0.0
         prepared = False
-        while child.pump(timeout):
+        while child.pump(0 if talk.backlog else timeout):   # a backlog is read on at once
             now = time.monotonic()
             seen = watch.steps
             anomaly = self.intake.take(talk.read_new(), watch, now)
@@ -523,7 +629,7 @@ class Supervisor:
                 last_status = now
                 self.report.status(Progress(n, watch.last_step, watch.metrics, watch.rate, self._total,
                                             self.state.restarts, self.policy.max_restarts, self._last_event))
-            if child.woken and watch.steps != seen:
+            if child.woken and watch.steps != seen and not talk.backlog:
                 time.sleep(COALESCE)  # let a busy stream gather: one look per COALESCE, not per line
         return None, False
 
@@ -604,6 +710,18 @@ class Supervisor:
         return env
 
 
+def _own_folder(path: Path, run_dir: Path) -> None:
+    """Make ``path`` a folder of the run folder; one that exists as a symlink (or anything
+    but a real folder) is refused: what ftrain writes there would land outside the run."""
+    try:
+        path.mkdir()
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise RunDirError(f"{path}: not a folder of {run_dir} (a symlink?); remove it to continue")
+
+
 def new_run_dir(base: Path, script: str) -> Path:
     stem = Path(script).stem or "run"
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -616,11 +734,16 @@ def new_run_dir(base: Path, script: str) -> Path:
 
 
 def check_fresh_run_dir(run_dir: Path) -> None:
-    """Refuse a folder that already holds a run (finished or not)."""
+    """Refuse a folder that already holds a run (finished or not). A folder whose supervisor
+    died before the run started (a journal with no ``run_start`` and no attempt) is taken:
+    ``run --run-dir`` starts it; ``resume`` says so."""
     journal = run_dir / "journal.jsonl"
-    if not journal.exists():
+    if not os.path.lexists(journal):
         return
     events = read_journal(journal)
+    started = {Event.RUN_START.value, Event.ATTEMPT_START.value}
+    if not any(e.get("event") in started for e in events):
+        return
     if any(e.get("event") == Event.RUN_END.value for e in events):
         raise RunDirError(f"{run_dir}: already holds a finished run; choose a new --run-dir")
     raise RunDirError(f"{run_dir}: already holds a run; continue it with `ftrain resume {run_dir}`")

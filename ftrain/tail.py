@@ -22,6 +22,7 @@ Record = dict[str, Any]
 # ---------------------------------------------------------------------------------- tailing
 
 CHUNK = 1 << 20          # bytes per read; also the granularity of the memory bound
+BATCH = CHUNK            # bytes one ``read_new`` consumes at most: a flood is read in batches
 MAX_LINE = 1 << 20       # a line longer than this without a newline is dropped
 DRAIN_BYTES = 1 << 16    # a notifier's read buffer: thousands of events
 
@@ -101,8 +102,11 @@ class Tailer:
     The file may not exist yet, may end in a partial line (kept until its newline arrives),
     may hold garbage, and may be truncated or replaced (read again from its start). A call
     with nothing new costs one ``os.stat``. Memory stays bounded by ``CHUNK + MAX_LINE``
-    plus the records returned. With ``start_at_end`` an existing file is followed from its
-    current end (a partial line there is skipped); a file that appears later is read whole.
+    plus the records of one batch: a call consumes at most ``limit`` bytes (``BATCH``), and
+    ``backlog`` says that more were already there, so a flood of millions of lines is read
+    batch by batch and each batch is judged before the next is read. With ``start_at_end``
+    an existing file is followed from its current end (a partial line there is skipped); a
+    file that appears later is read whole.
     """
 
     def __init__(self, path: Path, *, start_at_end: bool = False, max_line: int = MAX_LINE) -> None:
@@ -113,31 +117,41 @@ class Tailer:
         self._fd: int | None = None
         self._id: tuple[int, int] = (0, 0)
         self._offset = 0
+        self._known = 0     # the file's size at the last look: beyond _offset is the backlog
         self._pending = b""
         self._skip = False  # dropping the rest of a line, up to its newline
         self._open(at_end=start_at_end)
 
     # public --------------------------------------------------------------------------
-    def read_new(self) -> list[Record]:
-        """The complete records appended since the last call, in file order."""
+    def read_new(self, limit: int = BATCH) -> list[Record]:
+        """The complete records appended since the last call, in file order: those of at most
+        ``limit`` bytes (a replaced file's rest and the new file's start: twice that)."""
         try:
             st = os.stat(self._path)
         except OSError:
-            return self._drain() if self._fd is not None else []
+            return self._drain(limit) if self._fd is not None else []
         if self._fd is None or (st.st_dev, st.st_ino) != self._id:
-            out = self._drain() if self._fd is not None else []
+            out = self._drain(limit) if self._fd is not None else []
+            if self.backlog:   # the old file's rest first; the switch comes at a later call
+                return out
             if self._fd is not None:
                 self.stats.replaced += 1
             if self._open(at_end=False) and self._fd is not None:
-                out += self._read_to(os.fstat(self._fd).st_size)
+                out += self._read_to(os.fstat(self._fd).st_size, limit)
             return out
         size = st.st_size
         if size == self._offset:
+            self._known = size
             return []
         if size < self._offset:
             self.stats.truncations += 1
             self._offset, self._pending, self._skip = 0, b"", False
-        return self._read_to(size)
+        return self._read_to(size, limit)
+
+    @property
+    def backlog(self) -> bool:
+        """Bytes were there at the last call that it left for the next (a bounded batch)."""
+        return self._fd is not None and self._offset < self._known
 
     @property
     def offset(self) -> int:
@@ -172,27 +186,34 @@ class Tailer:
             return False
         st = os.fstat(fd)
         self._fd, self._id = fd, (st.st_dev, st.st_ino)
-        self._offset, self._pending, self._skip = 0, b"", False
+        self._offset, self._known, self._pending, self._skip = 0, 0, b"", False
         if at_end and st.st_size:
-            self._offset = st.st_size
+            self._offset = self._known = st.st_size
             self._skip = os.pread(fd, 1, st.st_size - 1) != b"\n"  # joined mid-line
         return True
 
-    def _drain(self) -> list[Record]:
+    def _drain(self, limit: int) -> list[Record]:
         """What is left in the file we hold open (it was deleted or replaced)."""
         assert self._fd is not None
         try:
             size = os.fstat(self._fd).st_size
         except OSError:
+            self._known = self._offset
             return []
-        return self._read_to(size) if size > self._offset else []
+        if size <= self._offset:
+            self._known = self._offset
+            return []
+        return self._read_to(size, limit)
 
-    def _read_to(self, size: int) -> list[Record]:
+    def _read_to(self, size: int, limit: int) -> list[Record]:
         assert self._fd is not None
         out: list[Record] = []
-        while self._offset < size:
-            data = os.pread(self._fd, min(CHUNK, size - self._offset), self._offset)
+        self._known = size
+        end = min(size, self._offset + max(limit, 1))
+        while self._offset < end:
+            data = os.pread(self._fd, min(CHUNK, end - self._offset), self._offset)
             if not data:  # shrank under us; the next call sees the truncation
+                self._known = self._offset
                 break
             self._offset += len(data)
             self._take(data, out)

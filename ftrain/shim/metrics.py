@@ -57,6 +57,9 @@ def _open(st: ProcessState) -> int:
     with st.fd_lock:   # a background save's control line may race the first log
         if st.fd is None:
             assert st.metrics_path is not None
+            from ftrain.files import end_torn_line
+
+            end_torn_line(st.metrics_path)   # a line cut by a full disk must not swallow our first
             st.fd = os.open(st.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         return st.fd
 
