@@ -44,7 +44,7 @@ from ftrain.kinds import Failure, FailureKind
 from ftrain.launch import Launcher, LaunchSpec, make_launcher
 from ftrain.outcome import AttemptOutcome
 from ftrain.policy import Action, Decision, Policy
-from ftrain.process import Child, Exit, stop_leftover
+from ftrain.process import Child, Exit, stop_leftovers, why_not_ours
 from ftrain.protocol import Control, format_skip
 from ftrain.script import SHIM, Script
 from ftrain.state import RunState, remove_fault
@@ -161,7 +161,7 @@ class Supervisor:
             (self.run_dir / "attempts").mkdir(exist_ok=True)
             self._talk = self.script.talk(self.metrics_path)
             previous = {sig: signal.signal(sig, self._on_signal)
-                        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+                        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)}
             self.topology.open()
             if not resuming:
                 self._write_run_json()
@@ -231,15 +231,35 @@ class Supervisor:
         return record
 
     def _close_open_attempt(self) -> None:
-        """Resume: stop the previous supervisor's child if it still runs, journal its end,
-        and restart from the newest usable checkpoint (it may have saved since)."""
+        """Resume: stop what the previous supervisor left running — its child only once its
+        environment proves it this run's, on this host; every process carrying the run's
+        ``FTRAIN_RUN_DIR`` (a daemon, a spare) — journal its end, and restart from the newest
+        usable checkpoint (it may have saved since)."""
+        run_dir = str(self.run_dir.resolve())
+        leader: int | None = None
+        why: str | None = None
         if self.open_attempt is not None:
-            pid, started = self.open_attempt.get("pid"), float(self.open_attempt.get("t") or 0)
-            stopped = isinstance(pid, int) and stop_leftover(pid, started, grace=self.policy.grace)
-            if stopped:
-                self._say(f"stopped pid {pid} left running by the previous supervisor", "warn")
+            pid, n = self.open_attempt.get("pid"), self.open_attempt.get("attempt")
+            host, here = self.open_attempt.get("host"), socket.gethostname()
+            if not isinstance(pid, int):
+                why = "no pid was journaled"
+            elif host is not None and host != here:
+                why = f"it ran on host {host}, this is {here}"
+            else:
+                why = why_not_ours(pid, run_dir, n, warm=bool(self.open_attempt.get("warm")))
+            if why is None:
+                leader = pid
+            elif why != "it is gone":
+                self._say(f"pid {pid} named by attempt {n} is not this run's process ({why}): left alone", "warn")
+        others = max(0, stop_leftovers(run_dir, leader, grace=self.policy.grace) - (leader is not None))
+        if leader is not None:
+            self._say(f"stopped pid {leader} left running by the previous supervisor", "warn")
+        if others:
+            self._say(f"stopped {others} other process(es) of this run left by the previous supervisor", "warn")
+        if self.open_attempt is not None:
             self._event(Event.ATTEMPT_END, attempt=self.open_attempt.get("attempt"), exit_code=None,
-                        signal=None, kind=None, supervisor_lost=True, orphan_stopped=stopped,
+                        signal=None, kind=None, supervisor_lost=True, orphan_stopped=leader is not None,
+                        orphan_reason=why, strays_killed=others,
                         no_progress_streak=self.state.no_progress_streak)
         newest = self.script.usable(self.checkpoint_dir, self.state.set_aside)
         if newest:
@@ -247,6 +267,7 @@ class Supervisor:
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         # SIGUSR1 is the usual Slurm pre-timeout notice (--signal=USR1@90): treat as preemption.
+        # SIGHUP (the terminal closed) as SIGTERM: the script saves, the run stays resumable.
         self._signal = signum
 
     def _say(self, message: str, level: str = "info") -> None:
@@ -408,7 +429,7 @@ class Supervisor:
         if anomaly is not None:
             self._say(f"stopping attempt {n}: {anomaly.reason}", "warn")
             ended_first = child.proc.poll() is not None
-            self._stop_for(child, anomaly)
+            anomaly = self._stop_for(child, anomaly)
         exit_ = child.finish()
         self._child = None
         # What the script wrote before it ended but was read only now is judged as if read in
@@ -475,8 +496,14 @@ class Supervisor:
                 time.sleep(COALESCE)  # let a busy stream gather: one look per COALESCE, not per line
         return None, False
 
-    def _stop_for(self, child: Child, anomaly: Anomaly) -> None:
-        """Stop an attempt for its anomaly; a hang first dumps its stacks."""
+    def _stop_for(self, child: Child, anomaly: Anomaly) -> Anomaly:
+        """Stop an attempt for its anomaly; a hang first dumps its stacks. Returns the anomaly,
+        a hang's evidence led by the processes that were stopped (SIGSTOP: state T), not hung."""
+        if anomaly.kind is FailureKind.HANG:
+            frozen = child.stopped()
+            if frozen:
+                anomaly = replace(anomaly, evidence=(f"{', '.join(frozen[:4])}: stopped (state T, SIGSTOP "
+                                                     "or a debugger), not running", *anomaly.evidence))
         dump = anomaly.kind is FailureKind.HANG and not self.topology.dump_stacks()
         answered: Callable[[], bool] | None = None
         since = None
@@ -488,6 +515,7 @@ class Supervisor:
         finally:
             if since is not None:
                 since.close()
+        return anomaly
 
     @staticmethod
     def _acting_on_term(records: Sequence[Mapping[str, Any]]) -> bool:
