@@ -25,6 +25,7 @@ import os
 import platform
 import signal
 import socket
+import stat
 import sys
 import time
 import traceback
@@ -268,6 +269,8 @@ class Supervisor:
     def _on_signal(self, signum: int, frame: Any) -> None:
         # SIGUSR1 is the usual Slurm pre-timeout notice (--signal=USR1@90): treat as preemption.
         # SIGHUP (the terminal closed) as SIGTERM: the script saves, the run stays resumable.
+        if signum == signal.SIGHUP:
+            _leave_terminal()
         self._signal = signum
 
     def _say(self, message: str, level: str = "info") -> None:
@@ -577,6 +580,26 @@ class Supervisor:
         if self.state.inject:
             env["FTRAIN_INJECT"] = format_inject(self.state.inject)
         return env
+
+
+def _leave_terminal() -> None:
+    """After a hangup, point stdout and stderr that were a terminal at /dev/null: writes to a
+    hung-up terminal fail (EIO), and the way out must not fail on saying where it is."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    try:
+        devnull = os.fstat(null).st_rdev
+        for fd in (1, 2):
+            try:
+                st = os.fstat(fd)
+            except OSError:
+                continue
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev != devnull:   # a terminal, hung up or not
+                os.dup2(null, fd)
+    finally:
+        os.close(null)
 
 
 def new_run_dir(base: Path, script: str) -> Path:

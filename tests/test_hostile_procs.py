@@ -242,3 +242,41 @@ def test_a_child_stopped_by_sigstop_is_named_in_the_hang_and_still_stopped(tmp_p
     assert not pid_alive(trainer)
     # continued with its TERM, it acts on it: not the 30 s grace a silent process keeps
     assert took < 20, took
+
+
+def test_a_closed_terminal_ends_the_run_interrupted_not_in_an_error(tmp_path, write):
+    """The real SIGHUP: ftrain's controlling terminal (a pty) is closed. Its writes to the
+    hung-up terminal would fail (EIO); it still stops the script and journals why."""
+    import fcntl
+    import pty
+    import termios
+
+    def own_terminal() -> None:
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    master, slave = pty.openpty()
+    run = tmp_path / "run"
+    proc = subprocess.Popen(ftrain_cmd("run", HOSTILE, "plain", str(tmp_path / "pid"), "100000", "0.01",
+                                       "--policy", str(policy(write, grace="20s")), "--run-dir", str(run), "--no-ui"),
+                            cwd=tmp_path, env=clean_env(), stdin=slave, stdout=slave, stderr=slave,
+                            preexec_fn=own_terminal)
+    os.close(slave)
+    try:
+        os.set_blocking(master, False)
+
+        def drained_and_going() -> bool:
+            try:
+                while os.read(master, 1 << 16):
+                    pass
+            except OSError:
+                pass
+            return last_step(run, 1) >= 5
+        wait_for(drained_and_going, "step 5")
+    finally:
+        os.close(master)   # the terminal goes: the kernel hangs it up and sends SIGHUP
+    assert proc.wait(timeout=60) == 143
+    evts = events(run)
+    assert evts[-1]["status"] == "interrupted" and evts[-1]["reason"].startswith("SIGHUP received"), evts[-1]
+    assert not (run / "ftrain-error.log").exists()
+    assert not pid_alive(of(evts, "attempt_start")[0]["pid"])
