@@ -23,6 +23,8 @@ import itertools
 import os
 import selectors
 import signal
+import socket
+import stat
 import subprocess
 import time
 from collections import deque
@@ -504,6 +506,18 @@ def why_not_ours(pid: int, run_dir: str, attempt: int | None, *, warm: bool = Fa
     return f"its {ATTEMPT_VAR} is {env.get(ATTEMPT_VAR)!r}, not {attempt}"
 
 
+def left_by_the_dead(start: Mapping[str, Any], run_dir: str) -> tuple[int | None, str | None]:
+    """The journal's open ``attempt_start`` of a supervisor that died: (its pid, None) when
+    that process provably is the attempt, here; else (None, why not)."""
+    pid, host, here = start.get("pid"), start.get("host"), socket.gethostname()
+    if not isinstance(pid, int):
+        return None, "no pid was journaled"
+    if host is not None and host != here:
+        return None, f"it ran on host {host}, this is {here}"
+    why = why_not_ours(pid, run_dir, start.get("attempt"), warm=bool(start.get("warm")))
+    return (pid if why is None else None), why
+
+
 def stop_leftovers(run_dir: str, leader: int | None, grace: float = 10.0) -> int:
     """Stop what a supervisor that died left of the run in ``run_dir``: ``leader`` (proven
     ours by the caller) with its tree and group, and every process carrying the run's
@@ -550,3 +564,23 @@ def stop_leftovers(run_dir: str, leader: int | None, grace: float = 10.0) -> int
             pass
     psutil.wait_procs(alive, timeout=5.0)
     return len(members)
+
+
+def leave_terminal() -> None:
+    """After a hangup, point stdout and stderr that were a terminal at /dev/null: writes to a
+    hung-up terminal fail (EIO), and the way out must not fail on saying where it is."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    try:
+        devnull = os.fstat(null).st_rdev
+        for fd in (1, 2):
+            try:
+                st = os.fstat(fd)
+            except OSError:
+                continue
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev != devnull:   # a terminal, hung up or not
+                os.dup2(null, fd)
+    finally:
+        os.close(null)

@@ -25,7 +25,6 @@ import os
 import platform
 import signal
 import socket
-import stat
 import sys
 import time
 import traceback
@@ -45,7 +44,7 @@ from ftrain.kinds import Failure, FailureKind
 from ftrain.launch import Launcher, LaunchSpec, make_launcher
 from ftrain.outcome import AttemptOutcome
 from ftrain.policy import Action, Decision, Policy
-from ftrain.process import Child, Exit, stop_leftovers, why_not_ours
+from ftrain.process import Child, Exit, leave_terminal, left_by_the_dead, stop_leftovers
 from ftrain.protocol import Control, format_skip
 from ftrain.script import SHIM, Script
 from ftrain.state import RunState, remove_fault
@@ -237,21 +236,10 @@ class Supervisor:
         ``FTRAIN_RUN_DIR`` (a daemon, a spare) — journal its end, and restart from the newest
         usable checkpoint (it may have saved since)."""
         run_dir = str(self.run_dir.resolve())
-        leader: int | None = None
-        why: str | None = None
-        if self.open_attempt is not None:
-            pid, n = self.open_attempt.get("pid"), self.open_attempt.get("attempt")
-            host, here = self.open_attempt.get("host"), socket.gethostname()
-            if not isinstance(pid, int):
-                why = "no pid was journaled"
-            elif host is not None and host != here:
-                why = f"it ran on host {host}, this is {here}"
-            else:
-                why = why_not_ours(pid, run_dir, n, warm=bool(self.open_attempt.get("warm")))
-            if why is None:
-                leader = pid
-            elif why != "it is gone":
-                self._say(f"pid {pid} named by attempt {n} is not this run's process ({why}): left alone", "warn")
+        leader, why = left_by_the_dead(self.open_attempt, run_dir) if self.open_attempt else (None, None)
+        if self.open_attempt is not None and leader is None and why != "it is gone":
+            self._say(f"pid {self.open_attempt.get('pid')} named by attempt {self.open_attempt.get('attempt')} "
+                      f"is not this run's process ({why}): left alone", "warn")
         others = max(0, stop_leftovers(run_dir, leader, grace=self.policy.grace) - (leader is not None))
         if leader is not None:
             self._say(f"stopped pid {leader} left running by the previous supervisor", "warn")
@@ -270,7 +258,7 @@ class Supervisor:
         # SIGUSR1 is the usual Slurm pre-timeout notice (--signal=USR1@90): treat as preemption.
         # SIGHUP (the terminal closed) as SIGTERM: the script saves, the run stays resumable.
         if signum == signal.SIGHUP:
-            _leave_terminal()
+            leave_terminal()
         self._signal = signum
 
     def _say(self, message: str, level: str = "info") -> None:
@@ -580,26 +568,6 @@ class Supervisor:
         if self.state.inject:
             env["FTRAIN_INJECT"] = format_inject(self.state.inject)
         return env
-
-
-def _leave_terminal() -> None:
-    """After a hangup, point stdout and stderr that were a terminal at /dev/null: writes to a
-    hung-up terminal fail (EIO), and the way out must not fail on saying where it is."""
-    try:
-        null = os.open(os.devnull, os.O_WRONLY)
-    except OSError:
-        return
-    try:
-        devnull = os.fstat(null).st_rdev
-        for fd in (1, 2):
-            try:
-                st = os.fstat(fd)
-            except OSError:
-                continue
-            if stat.S_ISCHR(st.st_mode) and st.st_rdev != devnull:   # a terminal, hung up or not
-                os.dup2(null, fd)
-    finally:
-        os.close(null)
 
 
 def new_run_dir(base: Path, script: str) -> Path:
