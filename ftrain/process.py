@@ -5,7 +5,12 @@ stderr go to the attempt's ``output.log``, to an optional live sink, and into a 
 in-memory tail for the classifier (a child that prints gigabytes does not grow us).
 Stopping is TERM → grace → KILL to the whole group *and* to every descendant seen,
 including those that started a session of their own (torchrun's ranks); nothing of an
-attempt outlives it.
+attempt outlives it. A daemon that left the tree too (double fork, ``setsid``) is found by
+what every process of an attempt carries: ``FTRAIN_RUN_DIR`` and ``FTRAIN_ATTEMPT`` in
+``/proc/PID/environ`` (``marked``: one look at this user's processes, about 1 ms for 100).
+A warm spare carries the run folder and ``FTRAIN_SPARE`` instead, so it is this run's but
+no stray of the attempt it waits beside. ``resume`` signals a process a dead supervisor
+left only once its environment proves it this run's (``why_not_ours``).
 
     spawn() ──► running ──(exit)──────────────────────────► ended (returncode, reaped)
                    └──stop(): [USR1 dump] → TERM → grace → KILL ──┘
@@ -14,9 +19,12 @@ attempt outlives it.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 import selectors
 import signal
+import socket
+import stat
 import subprocess
 import time
 from collections import deque
@@ -44,6 +52,8 @@ except (OSError, AttributeError):  # not Linux
 _subreaper = False  # set by become_subreaper(); then orphans of an attempt are our children
 _leaders: set[int] = set()  # every live Child: a subreaper's scan for orphans leaves the others alone
 OutputSink = Callable[[bytes, bool], None]  # (data, is_stderr)
+RUN_DIR_VAR, ATTEMPT_VAR, SPARE_VAR = "FTRAIN_RUN_DIR", "FTRAIN_ATTEMPT", "FTRAIN_SPARE"
+_spares = itertools.count(1)
 
 
 def become_subreaper() -> bool:
@@ -90,6 +100,78 @@ def _psutil_children(pid: int) -> list[psutil.Process]:
         return psutil.Process(pid).children(recursive=True)
     except psutil.Error:
         return []
+
+
+def read_environ(pid: int) -> dict[str, str] | None:
+    """The environment ``pid`` was started with (``/proc/PID/environ``); None when it is gone,
+    a zombie, or not ours to read."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return _parse_environ(f.read())
+    except OSError:
+        return None
+
+
+def _parse_environ(data: bytes) -> dict[str, str] | None:
+    if not data:   # a zombie, or a kernel thread
+        return None
+    out: dict[str, str] = {}
+    for item in data.split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep:
+            out.setdefault(key.decode("utf-8", "replace"), value.decode("utf-8", "replace"))
+    return out
+
+
+def marked(run_dir: str, attempt: str | None = None, spare: str | None = None,
+           skip: Collection[int] = ()) -> list[int]:
+    """This user's processes whose environment carries ``FTRAIN_RUN_DIR=run_dir`` and, when
+    given, ``FTRAIN_ATTEMPT=attempt`` or ``FTRAIN_SPARE=spare`` (any of the run otherwise).
+    Finds what left the process tree and the group; ``skip`` and this process are left out."""
+    needle = f"\0{RUN_DIR_VAR}={run_dir}\0".encode()
+    uid, me = os.getuid(), os.getpid()
+    found: list[int] = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return found
+    for name in names:
+        if not name.isdigit() or int(name) == me or int(name) in skip:
+            continue
+        try:
+            if os.stat(f"/proc/{name}").st_uid != uid:
+                continue
+            with open(f"/proc/{name}/environ", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        if needle not in b"\0" + data:   # cheap: most processes are not ours
+            continue
+        env = _parse_environ(data)
+        if env is None or env.get(RUN_DIR_VAR) != run_dir:
+            continue
+        if attempt is None and spare is None or (attempt is not None and env.get(ATTEMPT_VAR) == attempt) \
+                or (spare is not None and env.get(SPARE_VAR) == spare):
+            found.append(int(name))
+    return found
+
+
+def spare_mark(env: Mapping[str, str]) -> dict[str, str]:
+    """What a warm spare started beside the attempt of ``env`` carries: the run folder (found
+    as this run's at a resume) and a token of its own, no ``FTRAIN_ATTEMPT`` (no stray of the
+    attempt it waits beside)."""
+    if RUN_DIR_VAR not in env:
+        return {}
+    return {RUN_DIR_VAR: env[RUN_DIR_VAR], SPARE_VAR: f"{os.getpid()}.{next(_spares)}"}
+
+
+def proc_state(pid: int) -> str | None:
+    """The state letter of ``/proc/PID/stat`` (R, S, D, T stopped, t traced, Z …); None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0]
+    except (OSError, IndexError):
+        return None
 
 
 def _child_setup(parent: int) -> Callable[[], None] | None:
@@ -153,6 +235,10 @@ class Child:
             raise
         self.pid = self.proc.pid
         _leaders.add(self.pid)
+        # How the attempt's processes are found outside the tree (``marked``).
+        self._run_dir = env.get(RUN_DIR_VAR)
+        self._attempt = env.get(ATTEMPT_VAR)
+        self._spare = env.get(SPARE_VAR)
         self._known: dict[int, float] = {}
         self._last_scan = time.monotonic()
         self._sel = selectors.DefaultSelector()
@@ -165,10 +251,13 @@ class Child:
         self.returncode: int | None = None
 
     def adopt(self, log_path: Path, sink: OutputSink | None = None,
-              line_hook: Callable[[str], None] | None = None) -> None:
+              line_hook: Callable[[str], None] | None = None, env: Mapping[str, str] | None = None) -> None:
         """Make a spare started without a log the attempt that writes to ``log_path``; what it
-        printed while it waited goes there first."""
+        printed while it waited goes there first. ``env``: the attempt's, which what it starts
+        from now on carries."""
         assert self._log is None, "adopt() is for a child started without a log"
+        if env is not None:
+            self._attempt = env.get(ATTEMPT_VAR)
         self._log = open(log_path, "ab", buffering=0)
         self._sink = sink
         self._line_hook = line_hook
@@ -299,23 +388,42 @@ class Child:
         return list(found.values())
 
     def signal(self, sig: int, *, group: bool = True) -> None:
-        """Send ``sig`` to the leader, or to its process group and every known descendant."""
+        """Send ``sig`` to the leader, or to its process group and every known descendant.
+        A signal it must act on is followed by SIGCONT: a stopped process (SIGSTOP) acts on
+        nothing but KILL until continued."""
         import psutil
-        if self.returncode is None:
-            try:
-                if group:
-                    os.killpg(self.pid, sig)
-                else:
-                    os.kill(self.pid, sig)
-            except ProcessLookupError:
-                pass
+        sigs = (sig,) if sig in (signal.SIGKILL, signal.SIGCONT, signal.SIGSTOP) else (sig, signal.SIGCONT)
+        for s in sigs:
+            if self.returncode is None:
+                try:
+                    if group:
+                        os.killpg(self.pid, s)
+                    else:
+                        os.kill(self.pid, s)
+                except ProcessLookupError:
+                    pass
         if group:
             self._scan_descendants()
             for p in self._members():
+                for s in sigs:
+                    try:
+                        p.send_signal(s)
+                    except psutil.Error:
+                        pass
+
+    def stopped(self) -> list[str]:
+        """The attempt's processes in state T or t (SIGSTOP, a debugger), as ``pid N (name)``:
+        for a hang's evidence, that it was not running at all."""
+        import psutil
+        out = []
+        for pid in [self.pid, *descendants(self.pid)]:
+            if proc_state(pid) in ("T", "t"):
                 try:
-                    p.send_signal(sig)
+                    name = psutil.Process(pid).name()
                 except psutil.Error:
-                    pass
+                    name = "?"
+                out.append(f"pid {pid} ({name})")
+        return out
 
     def stop(self, grace: float, *, dump_stacks: bool = False, cooperative: bool = True,
              answered: Callable[[], bool] | None = None) -> None:
@@ -367,13 +475,21 @@ class Child:
         return Exit(self.returncode, self.pid, strays)
 
     def _kill_strays(self) -> int:
-        """SIGKILL every remaining process of the attempt and reap what is ours."""
+        """SIGKILL every remaining process of the attempt, in the tree or carrying its mark
+        (a daemon that left both), and reap what is ours."""
         import psutil
         try:
             os.killpg(self.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
         members = self._members()
+        if self._run_dir is not None and (self._attempt is not None or self._spare is not None):
+            seen = {p.pid for p in members} | _leaders | {self.pid}
+            for pid in marked(self._run_dir, self._attempt, self._spare, skip=seen):
+                try:
+                    members.append(psutil.Process(pid))
+                except psutil.Error:
+                    pass
         for p in members:
             try:
                 p.kill()
@@ -383,32 +499,97 @@ class Child:
         return len(members)
 
 
-def stop_leftover(pid: int, started_by: float, grace: float = 10.0) -> bool:
-    """Stop a process tree left running by a supervisor that died (found by pid in the
-    journal), unless the pid now belongs to a process born after ``started_by``.
-    TERM to the tree, ``grace``, KILL. True if there was one to stop."""
+def why_not_ours(pid: int, run_dir: str, attempt: int | None, *, warm: bool = False) -> str | None:
+    """None when ``pid`` provably is attempt ``attempt`` of the run in ``run_dir`` (its
+    environment holds both; a warm attempt's leader holds the run and ``FTRAIN_SPARE``: it was
+    started before it knew its attempt); otherwise why not, in words."""
+    if proc_state(pid) in (None, "Z"):
+        return "it is gone"
+    env = read_environ(pid)
+    if env is None:
+        return "its environment cannot be read"
+    if env.get(RUN_DIR_VAR) != run_dir:
+        return f"its environment holds no {RUN_DIR_VAR}={run_dir}"
+    if env.get(ATTEMPT_VAR) == str(attempt) or (warm and SPARE_VAR in env and ATTEMPT_VAR not in env):
+        return None
+    return f"its {ATTEMPT_VAR} is {env.get(ATTEMPT_VAR)!r}, not {attempt}"
+
+
+def left_by_the_dead(start: Mapping[str, Any], run_dir: str) -> tuple[int | None, str | None]:
+    """The journal's open ``attempt_start`` of a supervisor that died: (its pid, None) when
+    that process provably is the attempt, here; else (None, why not)."""
+    pid, host, here = start.get("pid"), start.get("host"), socket.gethostname()
+    if not isinstance(pid, int):
+        return None, "no pid was journaled"
+    if host is not None and host != here:
+        return None, f"it ran on host {host}, this is {here}"
+    why = why_not_ours(pid, run_dir, start.get("attempt"), warm=bool(start.get("warm")))
+    return (pid if why is None else None), why
+
+
+def stop_leftovers(run_dir: str, leader: int | None, grace: float = 10.0) -> int:
+    """Stop what a supervisor that died left of the run in ``run_dir``: ``leader`` (proven
+    ours by the caller) with its tree and group, and every process carrying the run's
+    ``FTRAIN_RUN_DIR`` (a daemon that left the tree, a spare). TERM (and CONT), ``grace``,
+    KILL. Returns how many there were."""
     import psutil
-    try:
-        proc = psutil.Process(pid)
-        if proc.create_time() > started_by + 2.0:
-            return False
-        members = [proc] + proc.children(recursive=True)
-    except psutil.Error:
-        return False
-    for p in members:
+    members: dict[int, psutil.Process] = {}
+    group = None
+    if leader is not None:
         try:
-            p.send_signal(signal.SIGTERM)
+            proc = psutil.Process(leader)
+            members.update((p.pid, p) for p in [proc, *proc.children(recursive=True)])
+            group = leader if os.getpgid(leader) == leader else None   # a session we started
+        except (psutil.Error, OSError):
+            pass
+    for pid in marked(run_dir, skip=members):
+        try:
+            members[pid] = psutil.Process(pid)
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(members, timeout=grace)
+    if not members:
+        return 0
+    for p in members.values():
+        for sig in (signal.SIGTERM, signal.SIGCONT):
+            try:
+                p.send_signal(sig)
+            except psutil.Error:
+                pass
+    _, alive = psutil.wait_procs(list(members.values()), timeout=grace)
+    for pid in marked(run_dir, skip=members):   # started during the grace
+        try:
+            alive.append(psutil.Process(pid))
+        except psutil.Error:
+            pass
     for p in alive:
         try:
             p.kill()
         except psutil.Error:
             pass
+    if group is not None:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     psutil.wait_procs(alive, timeout=5.0)
+    return len(members)
+
+
+def leave_terminal() -> None:
+    """After a hangup, point stdout and stderr that were a terminal at /dev/null: writes to a
+    hung-up terminal fail (EIO), and the way out must not fail on saying where it is."""
     try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    return True
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    try:
+        devnull = os.fstat(null).st_rdev
+        for fd in (1, 2):
+            try:
+                st = os.fstat(fd)
+            except OSError:
+                continue
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev != devnull:   # a terminal, hung up or not
+                os.dup2(null, fd)
+    finally:
+        os.close(null)

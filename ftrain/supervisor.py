@@ -44,7 +44,7 @@ from ftrain.launch import Launcher, LaunchSpec, make_launcher
 from ftrain.memtier import MemoryTier, promote_newest, snapshot_limit
 from ftrain.outcome import AttemptOutcome
 from ftrain.policy import Action, Decision, Policy
-from ftrain.process import Child, Exit, stop_leftover
+from ftrain.process import Child, Exit, leave_terminal, left_by_the_dead, stop_leftovers
 from ftrain.protocol import Control, format_skip
 from ftrain.runfolder import MEDIUM_ERRORS, RunLock, WriteFailed, check_fresh_run_dir, new_run_dir, own_folder
 from ftrain.script import SHIM, Script
@@ -148,7 +148,7 @@ class Supervisor:
                 raise RunDirError(f"{exc.filename}: cannot create: {exc.strerror}") from exc
             self._talk = self.script.talk(self.metrics_path)
             previous = {sig: signal.signal(sig, self._on_signal)
-                        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+                        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)}
             self.topology.open()
             self.memory.open()
             if not resuming:
@@ -244,15 +244,24 @@ class Supervisor:
         return record
 
     def _close_open_attempt(self) -> None:
-        """Resume: stop the previous supervisor's child if it still runs, journal its end,
-        and restart from the newest usable checkpoint (it may have saved since)."""
+        """Resume: stop what the previous supervisor left running — its child only once its
+        environment proves it this run's, on this host; every process carrying the run's
+        ``FTRAIN_RUN_DIR`` (a daemon, a spare) — journal its end, and restart from the newest
+        usable checkpoint (it may have saved since)."""
+        run_dir = str(self.run_dir.resolve())
+        leader, why = left_by_the_dead(self.open_attempt, run_dir) if self.open_attempt else (None, None)
+        if self.open_attempt is not None and leader is None and why != "it is gone":
+            self._say(f"pid {self.open_attempt.get('pid')} named by attempt {self.open_attempt.get('attempt')} "
+                      f"is not this run's process ({why}): left alone", "warn")
+        others = max(0, stop_leftovers(run_dir, leader, grace=self.policy.grace) - (leader is not None))
+        if leader is not None:
+            self._say(f"stopped pid {leader} left running by the previous supervisor", "warn")
+        if others:
+            self._say(f"stopped {others} other process(es) of this run left by the previous supervisor", "warn")
         if self.open_attempt is not None:
-            pid, started = self.open_attempt.get("pid"), float(self.open_attempt.get("t") or 0)
-            stopped = isinstance(pid, int) and stop_leftover(pid, started, grace=self.policy.grace)
-            if stopped:
-                self._say(f"stopped pid {pid} left running by the previous supervisor", "warn")
             self._event(Event.ATTEMPT_END, attempt=self.open_attempt.get("attempt"), exit_code=None,
-                        signal=None, kind=None, supervisor_lost=True, orphan_stopped=stopped,
+                        signal=None, kind=None, supervisor_lost=True, orphan_stopped=leader is not None,
+                        orphan_reason=why, strays_killed=others,
                         no_progress_streak=self.state.no_progress_streak)
         if self.open_attempt is not None:
             self._promote_snapshot(None)   # the dead supervisor's attempt may have left one
@@ -282,6 +291,9 @@ class Supervisor:
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         # SIGUSR1 is the usual Slurm pre-timeout notice (--signal=USR1@90): treat as preemption.
+        # SIGHUP (the terminal closed) as SIGTERM: the script saves, the run stays resumable.
+        if signum == signal.SIGHUP:
+            leave_terminal()
         self._signal = signum
 
     def _say(self, message: str, level: str = "info") -> None:
@@ -510,7 +522,7 @@ class Supervisor:
         if anomaly is not None:
             self._say(f"stopping attempt {n}: {anomaly.reason}", "warn")
             ended_first = child.proc.poll() is not None
-            self._stop_for(child, anomaly)
+            anomaly = self._stop_for(child, anomaly)
         exit_ = child.finish()
         self._child = None
         self._quiet_since = time.time()
@@ -585,8 +597,14 @@ class Supervisor:
                 time.sleep(COALESCE)  # let a busy stream gather: one look per COALESCE, not per line
         return None, False
 
-    def _stop_for(self, child: Child, anomaly: Anomaly) -> None:
-        """Stop an attempt for its anomaly; a hang first dumps its stacks."""
+    def _stop_for(self, child: Child, anomaly: Anomaly) -> Anomaly:
+        """Stop an attempt for its anomaly; a hang first dumps its stacks. Returns the anomaly,
+        a hang's evidence led by the processes that were stopped (SIGSTOP: state T), not hung."""
+        if anomaly.kind is FailureKind.HANG:
+            frozen = child.stopped()
+            if frozen:
+                anomaly = replace(anomaly, evidence=(f"{', '.join(frozen[:4])}: stopped (state T, SIGSTOP "
+                                                     "or a debugger), not running", *anomaly.evidence))
         dump = anomaly.kind is FailureKind.HANG and not self.topology.dump_stacks()
         answered: Callable[[], bool] | None = None
         since = None
@@ -598,6 +616,7 @@ class Supervisor:
         finally:
             if since is not None:
                 since.close()
+        return anomaly
 
     @staticmethod
     def _acting_on_term(records: Sequence[Mapping[str, Any]]) -> bool:

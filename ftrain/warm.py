@@ -45,7 +45,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from ftrain.process import Child, OutputSink
+from ftrain.process import Child, OutputSink, spare_mark
 
 MAX_MESSAGE = 60_000  # the go message must fit the pipe's buffer: a write never blocks us
 
@@ -89,7 +89,7 @@ class Spare:
             listed = [str(modules)] if modules is not None and modules.is_file() else []
         try:
             self.child = Child([command[0], SPARE, str(read_end), command[1], *listed],
-                               env=self.env, cwd=cwd, log_path=None, pass_fds=(read_end,))
+                               env={**self.env, **spare_mark(env)}, cwd=cwd, log_path=None, pass_fds=(read_end,))
         except OSError:
             os.close(self._go)
             raise
@@ -113,7 +113,7 @@ class Spare:
             return None
         os.close(self._go)
         self._go = -1
-        self.child.adopt(log_path, sink, line_hook)
+        self.child.adopt(log_path, sink, line_hook, env)
         return self.child
 
     def discard(self) -> None:
