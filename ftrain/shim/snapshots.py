@@ -20,14 +20,13 @@ still being written, returns False at once.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
 
 from ftrain import ckptfmt
-from ftrain.shim.metrics import one_line, plain_metrics, write_all
-from ftrain.shim.writer import HashingWriter, _save_without_crc32, cpu_copy, snapshot_pool
+from ftrain.shim.metrics import one_line, plain_metrics
+from ftrain.shim.writer import cpu_copy, snapshot_pool, write_checkpoint
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -82,40 +81,11 @@ def take(st: ProcessState, state: Any, step: int) -> bool:
 
 
 def _write(st: ProcessState, copy: Any, directory: str, step: int, info: dict[str, Any]) -> None:
-    """The background half: data (hashed) → rename → manifest → rename → drop the older one."""
-    import torch
-
-    pid = os.getpid()
-    data = os.path.join(directory, ckptfmt.data_name(step))
-    data_tmp = os.path.join(directory, ckptfmt.temp_name(ckptfmt.data_name(step), pid))
-    manifest = os.path.join(directory, ckptfmt.manifest_name(step))
-    manifest_tmp = os.path.join(directory, ckptfmt.temp_name(ckptfmt.manifest_name(step), pid))
+    """The background half: ``write_checkpoint`` into host memory (no fsync), then drop the
+    older snapshot. A failure (a full /dev/shm) must not stop training: said once, then off."""
     try:
-        fd = os.open(data_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        writer = HashingWriter(fd)
-        writer.WRITEBACK_EVERY = 1 << 62   # RAM: nothing to write back
-        try:
-            _save_without_crc32(torch, copy, writer)
-            writer.flush()
-        finally:
-            writer.close()
-            os.close(fd)
-        if os.path.lexists(manifest):
-            os.unlink(manifest)
-        os.replace(data_tmp, data)
-        body = dict(info, bytes=writer.size, sha256=writer.hexdigest())
-        fd = os.open(manifest_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            write_all(fd, memoryview((json.dumps(body) + "\n").encode()))
-        finally:
-            os.close(fd)
-        os.replace(manifest_tmp, manifest)
-    except BaseException as exc:  # noqa: BLE001 - a full /dev/shm must not stop training: say it once
-        for leftover in (data_tmp, manifest_tmp):
-            try:
-                os.unlink(leftover)
-            except OSError:
-                pass
+        write_checkpoint(copy, directory, step, info, durable=False)
+    except BaseException as exc:  # noqa: BLE001 - see the docstring
         st.snapshot_failed = True
         import sys
 

@@ -252,8 +252,9 @@ def _save_without_crc32(torch: Any, state: Any, writer: HashingWriter) -> None:
                 restore()
 
 
-def write_checkpoint(state: Any, directory: str, step: int, info: dict[str, Any]) -> None:
-    """temp data (hashed, fsync) → rename → temp manifest (fsync) → rename → fsync folder."""
+def write_checkpoint(state: Any, directory: str, step: int, info: dict[str, Any], *, durable: bool = True) -> None:
+    """temp data (hashed, fsync) → rename → temp manifest (fsync) → rename → fsync folder.
+    ``durable=False`` (host memory, ``ftrain.snapshot``): the same steps without writeback or fsync."""
     import torch
 
     pid = os.getpid()
@@ -266,6 +267,8 @@ def write_checkpoint(state: Any, directory: str, step: int, info: dict[str, Any]
         os.makedirs(directory, exist_ok=True)
         fd = os.open(data_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         writer = HashingWriter(fd)
+        if not durable:
+            writer.WRITEBACK_EVERY = 1 << 62   # RAM: nothing to write back
         try:
             try:
                 _save_without_crc32(torch, state, writer)
@@ -274,7 +277,8 @@ def write_checkpoint(state: Any, directory: str, step: int, info: dict[str, Any]
                     raise writer.error from exc
                 raise
             writer.flush()
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             writer.close()
             os.close(fd)
@@ -285,9 +289,10 @@ def write_checkpoint(state: Any, directory: str, step: int, info: dict[str, Any]
         os.replace(data_tmp, data)
         renamed = True
         body = dict(info, bytes=writer.size, sha256=writer.hexdigest())
-        _write_durably(manifest_tmp, (json.dumps(body, indent=1) + "\n").encode())
+        _write_durably(manifest_tmp, (json.dumps(body, indent=1) + "\n").encode(), durable=durable)
         os.replace(manifest_tmp, manifest)
-        fsync_dir(directory)
+        if durable:
+            fsync_dir(directory)
     except BaseException as exc:
         for leftover in (data_tmp, manifest_tmp) + ((data,) if renamed else ()):
             try:
@@ -301,11 +306,12 @@ def write_checkpoint(state: Any, directory: str, step: int, info: dict[str, Any]
         raise
 
 
-def _write_durably(path: str, data: bytes) -> None:
+def _write_durably(path: str, data: bytes, *, durable: bool = True) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         write_all(fd, memoryview(data))
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
 
