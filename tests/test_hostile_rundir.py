@@ -527,7 +527,10 @@ def test_kill_9_of_the_supervisor_at_random_moments_then_resume_loses_nothing(tm
         for start in of(evts, "attempt_start")[1:]:
             steps = [r["step"] for r in by_attempt.get(start["attempt"], [])]
             expected = 0 if start["resume_step"] is None else start["resume_step"] + 1
-            assert steps and steps[0] == expected, (where, start, steps[:3])
+            if expected == 60:   # killed after the last step's save, before run_end: nothing left to train
+                assert not steps, (where, start, steps[:3])
+            else:
+                assert steps and steps[0] == expected, (where, start, steps[:3])
         attempts = sorted(by_attempt)
         for a, b in zip(attempts, attempts[1:]):   # never two trainers at once
             assert max(r["t"] for r in by_attempt[a]) < min(r["t"] for r in by_attempt[b]), (where, a, b)
