@@ -166,6 +166,40 @@ def test_a_usr1_to_every_process_of_the_attempt_kills_none_of_them(tmp_path, wri
     assert end["signal"] != "SIGUSR1", end   # before: the shell died of it, and ftrain ran it again
 
 
+@pytest.mark.parametrize("node, journal, expected", [
+    ("0", False, "run {train} --run-dir {run} --nproc-per-node 8 --nnodes 2 --node-rank 0 "
+                 "--rdzv-endpoint head:29400 --config c.yaml --no-ui"),
+    ("1", False, "run {train} --run-dir {run} --nproc-per-node 8 --nnodes 2 --node-rank 1 "
+                 "--rdzv-endpoint head:29400 --config c.yaml --no-ui"),
+    ("0", True, "resume {run} --no-ui"),
+    ("1", True, "resume {run}/nodes/node-1 --no-ui"),
+])
+def test_the_batch_script_runs_one_ftrain_per_node_and_resumes_each_nodes_folder(tmp_path, node, journal, expected):
+    """Several nodes: srun starts the same command on each (a fake srun here, as node
+    ``node`` of 2); first start ``ftrain run`` with ``--node-rank`` from SLURM_NODEID, a
+    restart ``ftrain resume`` of that node's own folder."""
+    bin_dir, run = tmp_path / "bin", tmp_path / "run"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f'#!/bin/bash\nshift 2\nSLURM_NODEID={node} SLURM_STEP_NUM_NODES=2 exec "$@"\n')
+    (bin_dir / "srun").chmod(0o755)
+    if journal:
+        mine = run if node == "0" else run / "nodes" / f"node-{node}"
+        mine.mkdir(parents=True)
+        (mine / "journal.jsonl").write_text("")
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NAME": "exp1", "SLURM_JOB_NODELIST": "head",
+           "MASTER_ADDR": "head", "RUN": str(run), "TRAIN": "train.py", "NPROC": "8", "FTRAIN": "echo",
+           "RUN_ARGS": "--config c.yaml"}
+    done = subprocess.run(["bash", str(SBATCH)], capture_output=True, text=True, env=env, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == expected.format(train="train.py", run=run)
+
+
+def test_the_docs_show_the_batch_script_as_tested():
+    docs = (ROOT / "docs" / "distributed.md").read_text()
+    section = docs[docs.index("## Under Slurm"):docs.index("## Under Kubernetes")]
+    assert "```bash\n" + SBATCH.read_text() + "```" in section
+
+
 # ---------------------------------------------------------------- a real Slurm
 class Cluster:
     """The one-node Slurm the tests use; ``use`` switches its ProctrackType (a restart)."""

@@ -33,7 +33,7 @@ fi
 slurmctld -i
 slurmd
 for _ in $(seq 1 200); do
-    if sinfo -h -o '%t' 2>/dev/null | grep -qE '^(idle|mix|alloc)'; then
+    if sinfo -h -o '%t' 2>/dev/null | grep -qxE '(idle|mix|alloc)'; then
         ms=$(( ($(date +%s%N) - began) / 1000000 ))
         printf 'slurm: up (proctrack/%s) in %d.%02ds\n' "$proctrack" $((ms / 1000)) $((ms % 1000 / 10))
         exit 0
