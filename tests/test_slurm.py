@@ -224,6 +224,10 @@ class Cluster:
 
 
 def _running_proctrack() -> str | None:
+    """The ProctrackType of the local Slurm that takes jobs; None when none runs (asked only
+    when a slurmctld runs here: sinfo retries a missing one for ~10 s)."""
+    if not any(p.info["name"] == "slurmctld" for p in psutil.process_iter(["name"])):
+        return None
     try:
         up = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=10)
         conf = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=10)
