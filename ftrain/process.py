@@ -181,6 +181,10 @@ def _child_setup(parent: int) -> Callable[[], None] | None:
     prctl = _prctl
 
     def setup() -> None:
+        # A USR1 meant for ftrain (Slurm's --signal=USR1@N reaches every process of the step)
+        # must not kill torchrun or a script: ignored survives exec; the shim's stack-dump
+        # handler replaces it, and ftrain relays the notice as a TERM.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         if os.getppid() != parent:  # the supervisor died before prctl took effect
             os._exit(143)

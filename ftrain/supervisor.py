@@ -32,7 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from ftrain import __version__, checkpoints, overrides
+from ftrain import __version__, checkpoints, overrides, slurm
 from ftrain.detect import Anomaly, Detectors
 from ftrain.errors import FtrainError, RunDirError
 from ftrain.files import write_json_atomic
@@ -414,8 +414,10 @@ class Supervisor:
     def _interrupted(self, what: str) -> int:
         code = ExitCode.INTERRUPTED if self._signal == signal.SIGINT else ExitCode.TERMINATED
         name = signal.Signals(self._signal).name if self._signal else "signal"
+        requeued = slurm.requeue_if_allowed(self._signal, code, allowed=slurm.requeue_allowed(self.policy))
         return self._end_run(RunStatus.INTERRUPTED, f"{name} received: {what}; "
-                                                    f"`ftrain resume {self.run_dir}` continues", code)
+                                                    f"`ftrain resume {self.run_dir}` continues"
+                             + (f"; {requeued}" if requeued else ""), code)
 
     def _sleep(self, seconds: float) -> bool:
         deadline = time.monotonic() + seconds

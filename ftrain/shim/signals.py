@@ -40,7 +40,9 @@ def arm(st: ProcessState) -> None:
     except (RuntimeError, ValueError, AttributeError, OSError):
         pass   # no usable stderr (closed or not a file): nowhere to dump stacks
     else:
-        if signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL:
+        # Ignored is ftrain's doing (children start with SIGUSR1 ignored, so that Slurm's
+        # step-wide USR1 kills none of them): replace it too.
+        if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN):
             faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
     if os.environ.get("TORCHELASTIC_ERROR_FILE"):
         _chain_excepthook(st, sys.excepthook)
