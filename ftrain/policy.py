@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from ftrain.detect import DetectSpec
 from ftrain.errors import ConfigError
 from ftrain.kinds import Failure, FailureKind
+from ftrain.notify import NotifySpec
 from ftrain.overrides import OverrideSpec, get_key, is_number
 
 
@@ -244,6 +245,14 @@ class Decision:
 
 
 @dataclass(frozen=True)
+class SlurmSpec:
+    """The policy's ``slurm:`` section: after the pre-timeout notice (USR1) under Slurm,
+    whether ftrain requeues its own job (``ftrain.slurm``)."""
+
+    requeue: bool = True
+
+
+@dataclass(frozen=True)
 class Policy:
     """A validated policy. ``source`` is the file it came from (or ``<default>``)."""
 
@@ -257,6 +266,8 @@ class Policy:
     detect: DetectSpec = field(default_factory=DetectSpec.default)
     checkpoints: CheckpointRetention = CheckpointRetention()
     script: Mapping[str, Any] = field(default_factory=dict)
+    notify: NotifySpec = NotifySpec()
+    slurm: SlurmSpec = SlurmSpec()
     text: str = field(default="", repr=False, compare=False)   # the YAML it was read from
 
     def rule_for(self, kind: FailureKind) -> Rule | None:

@@ -19,20 +19,23 @@ from ftrain.detect import DetectSpec, HangSpec, NonfiniteSpec, SpikeSpec, Thresh
 from ftrain.errors import PolicyError
 from ftrain.files import read_bounded
 from ftrain.kinds import ANOMALY_KINDS, FailureKind
+from ftrain.notify import NOTIFY_EVENTS, NotifySpec, parse_command
 from ftrain.overrides import OverrideSpec, compose_and_load, yaml_problem
-from ftrain.policy import Action, Backoff, CheckpointRetention, IfMissing, Policy, Rule
+from ftrain.policy import Action, Backoff, CheckpointRetention, IfMissing, Policy, Rule, SlurmSpec
 
 __all__ = ["DEFAULT_SOURCE", "default_policy_path", "load_policy", "load_policy_copy", "parse_policy"]
 
 RULE_KINDS = frozenset(FailureKind) - {FailureKind.NO_PROGRESS}
 TOP_KEYS = ("version", "max_restarts", "backoff", "no_progress", "grace", "warm_start", "detect", "rules",
-            "checkpoints", "script")
+            "checkpoints", "script", "notify", "slurm")
 RULE_KEYS = ("when", "action", "set", "if_missing", "max", "margin", "skip_steps")
 BACKOFF_KEYS = ("initial", "factor", "max")
 DETECT_KEYS = ("nonfinite", "threshold", "spike", "hang")
 SPIKE_KEYS = ("window", "zscore", "warmup", "patience")
 HANG_KEYS = ("timeout", "startup", "floor", "factor")
 CHECKPOINT_KEYS = ("keep_last", "keep_every", "keep_best")
+NOTIFY_KEYS = ("command", "webhook", "events", "timeout")
+SLURM_KEYS = ("requeue",)
 
 DEFAULT_SOURCE = "<default policy>"
 
@@ -180,11 +183,68 @@ def parse_policy(text: str, source: str) -> Policy:
     if not isinstance(script, dict):
         c.error(("script",), "must be a mapping")
         script = {}
+    notify = _parse_notify(c, data.get("notify"))
+    slurm = _parse_slurm(c, data.get("slurm"))
     if c.errors:
         raise PolicyError(c.errors)
     return Policy(source=source, rules=tuple(rules), max_restarts=max_restarts, backoff=backoff,
                   no_progress=no_progress, grace=grace if grace is not None else 30.0, detect=detect,
-                  checkpoints=retention, script=script, warm_start=warm_start)
+                  checkpoints=retention, script=script, warm_start=warm_start, notify=notify, slurm=slurm)
+
+
+def _parse_notify(c: _Checker, raw: Any) -> NotifySpec:
+    path = ("notify",)
+    if raw is None:
+        return NotifySpec()
+    if not isinstance(raw, dict):
+        c.error(path, "must be a mapping (command, webhook, events, timeout)")
+        return NotifySpec()
+    c.keys(raw, NOTIFY_KEYS, path)
+    command: tuple[str, ...] = ()
+    if raw.get("command") is not None:
+        command = parse_command(raw["command"]) or ()
+        if not command:
+            c.error(path + ("command",), f"must be a command line or a list of its words, not {raw['command']!r}")
+    webhook = raw.get("webhook")
+    if webhook is not None and not (isinstance(webhook, str) and webhook.startswith(("http://", "https://"))
+                                    and len(webhook) > len("https://")):
+        c.error(path + ("webhook",), f"must be an http:// or https:// URL, not {webhook!r}")
+        webhook = None
+    events = NotifySpec.events
+    if "events" in raw:
+        given = raw["events"]
+        if isinstance(given, str):
+            given = [given]
+        if not isinstance(given, list) or not all(isinstance(e, str) for e in given):
+            c.error(path + ("events",), f"must be a list of event names ({', '.join(NOTIFY_EVENTS)})")
+        else:
+            unknown = [e for e in given if e not in NOTIFY_EVENTS]
+            for e in unknown:
+                c.error(path + ("events",), f"unknown event {e!r} (expected one of: {', '.join(NOTIFY_EVENTS)})")
+            events = tuple(given)
+    timeout = c.duration(raw, "timeout", path, 10.0)
+    if timeout is not None and not 0 < timeout <= 300:
+        c.error(path + ("timeout",), f"must be more than 0s and at most 300s, not {raw['timeout']!r}")
+        timeout = 10.0
+    if not command and not webhook and "command" not in raw and "webhook" not in raw:
+        c.error(path, "names no destination: give a `command`, a `webhook`, or both")
+    return NotifySpec(command=command, webhook=webhook, events=events,
+                      timeout=timeout if timeout is not None else 10.0)
+
+
+def _parse_slurm(c: _Checker, raw: Any) -> SlurmSpec:
+    path = ("slurm",)
+    if raw is None:
+        return SlurmSpec()
+    if not isinstance(raw, dict):
+        c.error(path, "must be a mapping (requeue)")
+        return SlurmSpec()
+    c.keys(raw, SLURM_KEYS, path)
+    requeue = raw.get("requeue", True)
+    if not isinstance(requeue, bool):
+        c.error(path + ("requeue",), f"must be true or false, not {requeue!r}")
+        requeue = True
+    return SlurmSpec(requeue=requeue)
 
 
 def _parse_backoff(c: _Checker, raw: Any) -> Backoff:

@@ -93,9 +93,9 @@ def start_run(*, script: str, script_args: tuple[str, ...], policy_path: Path | 
                         script_args=script_args, config_path=str(config_path.resolve()) if config_path else None,
                         sets=dict(overrides.parse_set(s) for s in sets),
                         tensorboard=str(tensorboard.resolve()) if tensorboard else None)
-    listeners = make_listeners(tensorboard)
     become_subreaper()
     reporter = make_reporter(no_ui)
+    listeners = make_listeners(tensorboard, policy, run_dir, reporter, spec)
     supervisor = Supervisor(run_dir, policy, launch, reporter, inject=faults, script=script_side,
                             topology=make_topology(spec, run_dir, job_dir, reporter), listeners=listeners,
                             launcher=make_launcher(policy.warm_start, launch.cwd, command[0]))
@@ -123,12 +123,21 @@ def make_topology(spec: Any, run_dir: Path, job_dir: Path, reporter: Reporter) -
     return make(spec, run_dir, job_dir, say=lambda message, level: reporter.event(message, level=level))
 
 
-def make_listeners(tensorboard: Path | None) -> list[Any]:
-    if tensorboard is None:
-        return []
-    from ftrain.tensorboard import TensorBoardMirror
+def make_listeners(tensorboard: Path | None, policy: Policy, run_dir: Path, reporter: Reporter,
+                   spec: Any = None) -> list[Any]:
+    """What mirrors the run elsewhere: TensorBoard (``--tensorboard``), alerts (``notify:``,
+    from node 0 only: every node journals the same decisions)."""
+    listeners: list[Any] = []
+    if tensorboard is not None:
+        from ftrain.tensorboard import TensorBoardMirror
 
-    return [TensorBoardMirror(tensorboard)]
+        listeners.append(TensorBoardMirror(tensorboard))
+    if policy.notify.enabled and getattr(spec, "node_rank", 0) == 0:
+        from ftrain.notify import Notifier
+
+        listeners.append(Notifier(policy.notify, run_dir,
+                                  say=lambda message, level: reporter.event(message, level=level)))
+    return listeners
 
 
 def newest_run(base: Path = RUNS_DIR) -> Path:
@@ -229,7 +238,7 @@ def resume_run(run_dir: Path | None, *, max_restarts: int | None, no_ui: bool) -
     reporter = make_reporter(no_ui)
     supervisor = Supervisor(run_dir, policy, launch, reporter, state=state, max_restarts=budget,
                             script=script_side, topology=make_topology(spec, run_dir, job_dir, reporter),
-                            listeners=make_listeners(Path(tb) if tb else None),
+                            listeners=make_listeners(Path(tb) if tb else None, policy, run_dir, reporter, spec),
                             launcher=make_launcher(policy.warm_start, cwd, launch.command[0]),
                             open_attempt=_open_attempt(events))
     return supervisor.run(resuming=True)

@@ -73,10 +73,8 @@ def requeue_wanted(exit_code: int) -> bool:
 
 
 def requeue_allowed(policy: Any) -> bool:
-    """The policy's ``slurm: {requeue: …}``; on when the policy does not say (or cannot yet)."""
-    section = getattr(policy, "slurm", None)
-    value = section.get("requeue", True) if isinstance(section, Mapping) else getattr(section, "requeue", True)
-    return bool(value)
+    """The policy's ``slurm: {requeue: …}`` (on unless the policy turns it off)."""
+    return bool(policy.slurm.requeue)
 
 
 def _scontrol(*args: str) -> subprocess.CompletedProcess[str] | str:

@@ -79,3 +79,10 @@ def test_every_exit_code_in_the_readme_is_one_the_cli_documents(code: str) -> No
     from ftrain.supervisor import ExitCode
 
     assert int(code) in {int(c) for c in ExitCode}
+
+
+def test_the_notify_example_is_a_valid_policy_section(tmp_path: Path) -> None:
+    block, = [b for b in blocks("yaml") if b.startswith("notify:")]
+    (tmp_path / "p.yaml").write_text(block)
+    p = run_ftrain("policy", "check", "p.yaml", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr

@@ -47,17 +47,19 @@ def test_only_a_run_stopped_by_a_signal_is_worth_a_requeue():
         assert not slurm.requeue_wanted(code), code
 
 
-def test_policy_slurm_requeue_defaults_to_on():
-    class Section:
-        requeue = False
+def test_policy_slurm_requeue_defaults_to_on_and_is_checked(tmp_path):
+    from ftrain.errors import PolicyError
+    from ftrain.policyfile import load_policy, parse_policy
 
-    class Policy:
-        slurm = Section()
-
-    assert slurm.requeue_allowed(object())
-    assert slurm.requeue_allowed(type("P", (), {"slurm": {"requeue": True}})())
-    assert not slurm.requeue_allowed(type("P", (), {"slurm": {"requeue": False}})())
-    assert not slurm.requeue_allowed(Policy())
+    assert slurm.requeue_allowed(load_policy(None))
+    assert slurm.requeue_allowed(parse_policy("slurm: {requeue: true}\n", "p.yaml"))
+    assert not slurm.requeue_allowed(parse_policy("version: 1\nslurm: {requeue: false}\n", "p.yaml"))
+    for text, where in (("slurm: {requeue: 'no'}\n", "p.yaml:1: slurm.requeue: must be true or false"),
+                        ("slurm:\n  requeue: true\n  requeu: false\n", "p.yaml:3: slurm.requeu: unknown key"),
+                        ("slurm: yes\n", "p.yaml:1: slurm: must be a mapping")):
+        with pytest.raises(PolicyError) as err:
+            parse_policy(text, "p.yaml")
+        assert str(err.value).startswith(where), (text, str(err.value))
 
 
 @pytest.fixture
@@ -132,6 +134,22 @@ def test_usr1_under_slurm_saves_journals_and_requeues_its_own_job(tmp_path, writ
     assert end["status"] == "interrupted" and "requeued Slurm job 42" in end["reason"], end
     assert calls.read_text().splitlines()[-1] == "requeue 42"
     assert "stopping at step" in out and any((run_dir / "checkpoints").glob("step-*.json"))
+
+
+def test_a_policy_with_requeue_false_saves_and_exits_143_without_requeueing(tmp_path, write, fake_scontrol):
+    env, calls = fake_scontrol
+    write("c.yaml", "train: {steps: 400, ckpt_every: 50, sleep: 0.05}\n")
+    write("p.yaml", "slurm: {requeue: false}\n")
+    run_dir = tmp_path / "run"
+    proc = _ftrain(tmp_path, env, "run", str(CHILDREN / "job_train.py"), "--config", "c.yaml",
+                   "--policy", "p.yaml", "--run-dir", str(run_dir), "--no-ui")
+    _wait_for_step(run_dir, 3, proc)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, out
+    end = of(events(run_dir), "run_end")[-1]
+    assert end["status"] == "interrupted" and "slurm: {requeue: false}" in end["reason"], end
+    assert "requeue 42" not in (calls.read_text() if calls.exists() else "")
 
 
 def test_a_run_that_gave_up_never_requeues(tmp_path, write, fake_scontrol):
