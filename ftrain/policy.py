@@ -126,6 +126,7 @@ class CheckpointRetention:
     keep_every: int | None = None
     keep_best_metric: str | None = None
     keep_best_mode: str = "min"
+    snapshot_overhead: float = 0.02   # the share of step time ftrain.snapshot may block training
 
 
 class MissingCheckpoint(str, enum.Enum):

@@ -33,7 +33,7 @@ BACKOFF_KEYS = ("initial", "factor", "max")
 DETECT_KEYS = ("nonfinite", "threshold", "spike", "hang")
 SPIKE_KEYS = ("window", "zscore", "warmup", "patience")
 HANG_KEYS = ("timeout", "startup", "floor", "factor")
-CHECKPOINT_KEYS = ("keep_last", "keep_every", "keep_best")
+CHECKPOINT_KEYS = ("keep_last", "keep_every", "keep_best", "snapshot_overhead")
 NOTIFY_KEYS = ("command", "webhook", "events", "timeout")
 SLURM_KEYS = ("requeue",)
 
@@ -456,7 +456,7 @@ def _parse_retention(c: _Checker, raw: Any) -> CheckpointRetention:
     if not raw:
         return CheckpointRetention()
     if not isinstance(raw, dict):
-        c.error(path, "must be a mapping (keep_last, keep_every, keep_best)")
+        c.error(path, "must be a mapping (keep_last, keep_every, keep_best, snapshot_overhead)")
         return CheckpointRetention()
     c.keys(raw, CHECKPOINT_KEYS, path)
     best = raw.get("keep_best") or {}
@@ -473,4 +473,25 @@ def _parse_retention(c: _Checker, raw: Any) -> CheckpointRetention:
         keep_last=c.number(raw, "keep_last", path, integer=True, minimum=1),
         keep_every=c.number(raw, "keep_every", path, integer=True, minimum=1),
         keep_best_metric=metric, keep_best_mode=mode,
+        snapshot_overhead=_parse_share(c, raw, "snapshot_overhead", path, CheckpointRetention.snapshot_overhead),
     )
+
+
+def _parse_share(c: _Checker, raw: Mapping[str, Any], key: str, path: tuple[Any, ...], default: float) -> float:
+    """A share of time: ``2%`` (a percentage) or ``0.02`` (a fraction), above 0 and at most 100 %."""
+    if key not in raw:
+        return default
+    value = raw[key]
+    share: float | None = None
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            share = float(value.strip()[:-1]) / 100
+        except ValueError:
+            share = None
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        share = float(value)
+    if share is None or not math.isfinite(share) or not 0 < share <= 1:
+        c.error(path + (key,), f"must be a share of step time above 0 and at most 100 % (2% or 0.02), "
+                               f"not {value!r}")
+        return default
+    return share

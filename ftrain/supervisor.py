@@ -129,7 +129,8 @@ class Supervisor:
         self._launched = 0   # attempts this supervisor started
         self._quiet_since = time.time()   # no process of an attempt of ours wrote after this
         self.journal: Journal | None = None
-        self.memory = MemoryTier(self.run_dir)   # ftrain.snapshot's host memory, one per node
+        # ftrain.snapshot's host memory, one per node, and its blocking budget (the child's env)
+        self.memory = MemoryTier(self.run_dir, overhead=self.policy.checkpoints.snapshot_overhead)
 
     # ------------------------------------------------------------------ lifecycle
     def run(self, *, resuming: bool = False) -> int:

@@ -65,13 +65,16 @@ def take(st: ProcessState, state: Any, step: int) -> bool:
     # The spacing follows the median of the last few copies: one copy stretched by the
     # scheduler (a busy machine) must not stop snapshots for many steps.
     # The first copy pays a page fault per 4 KiB of new memory; the ones after it copy into
-    # that memory, so the first does not count unless it is all there is.
+    # that memory, so the first does not count unless it is all there is. Nor does it space
+    # the next: spaced by it, a restarted attempt's second snapshot came 5-40 steps late
+    # (the steps a crash then redoes); the next call times a copy into its memory instead.
+    first = not pooled and not st.snapshot_steady and not st.snapshot_blocked
     if pooled and not st.snapshot_steady:
         st.snapshot_steady, st.snapshot_blocked = True, []
     if pooled or not st.snapshot_steady:
         st.snapshot_blocked = (st.snapshot_blocked + [blocked])[-5:]
     recent = st.snapshot_blocked
-    st.snapshot_next_at = now + sorted(recent)[len(recent) // 2] / st.snapshot_overhead
+    st.snapshot_next_at = now if first else now + sorted(recent)[len(recent) // 2] / st.snapshot_overhead
     info = {"step": step, "attempt": st.attempt, "t": time.time(), "tier": "memory",
             "metrics": plain_metrics(st.last_metrics, "ftrain.snapshot"), "blocked_s": round(blocked, 6)}
     st.snapshot_thread = threading.Thread(target=_write, args=(st, copy, directory, step, info),

@@ -329,7 +329,10 @@ def cpu_copy(obj: Any, torch: Any, pool: dict[Any, list[Any]] | None = None) -> 
         if pool and type(src) is torch.Tensor and src.layout == torch.strided and not src.is_quantized:
             free = pool.get((tuple(src.shape), src.stride(), src.dtype))
             if free:
-                return free.pop().copy_(src)
+                return _host_copy(free.pop(), src)
+        if src.device.type == "cpu" and type(src) is torch.Tensor and src.layout == torch.strided \
+                and not src.is_quantized and src.is_contiguous():
+            return _host_copy(torch.empty_like(src), src)
         return src.to("cpu", copy=True)
     if isinstance(obj, dict):
         import copy
@@ -348,6 +351,19 @@ def cpu_copy(obj: Any, torch: Any, pool: dict[Any, list[Any]] | None = None) -> 
     import copy
 
     return copy.deepcopy(obj)
+
+
+def _host_copy(dst: Any, src: Any) -> Any:
+    """``dst.copy_(src)``; between contiguous CPU tensors one ``memmove`` on this thread.
+    torch splits a large CPU copy across its intra-op threads and waits for the slowest:
+    on a busy machine a 4 MB copy then blocks 8-20 ms instead of 0.5 ms (median, 2 cores)."""
+    if src.device.type == "cpu" and dst.device.type == "cpu" and src.is_contiguous() and dst.is_contiguous() \
+            and src.dtype == dst.dtype and src.shape == dst.shape and not src.is_conj() and not src.is_neg():
+        import ctypes
+
+        ctypes.memmove(dst.data_ptr(), src.data_ptr(), src.numel() * src.element_size())
+        return dst
+    return dst.copy_(src)
 
 
 def snapshot_pool(snapshot: Any, torch: Any) -> dict[Any, list[Any]]:
