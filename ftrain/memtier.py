@@ -8,7 +8,8 @@ shim writes there under the checkpoint names of ``ckptfmt`` (data, then manifest
 When an attempt fails, ``promote`` copies the newest usable snapshot into ``checkpoints/``
 (hashed on the way and checked against its manifest, fsynced, renamed into place: an
 ordinary checkpoint for resume, ``inspect``, retention and rollbacks), then ``clear``
-empties the tier; the run's end removes it. Nothing here imports torch: the supervisor
+empties the tier but for the promoted snapshot, which the restarted attempt loads from
+memory (``ftrain.load_checkpoint``: same name, same sha256); the run's end removes it. Nothing here imports torch: the supervisor
 only moves and checksums bytes.
 """
 
@@ -151,14 +152,20 @@ class MemoryTier:
                     pass
         return Promotion(snap.step, data, size, time.perf_counter() - started)
 
-    def clear(self) -> None:
-        """Empty the tier (after a promotion, or a rollback that distrusts what is there)."""
+    def clear(self, *, keep: int | None = None) -> None:
+        """Empty the tier (after a promotion, or a rollback that distrusts what is there),
+        but for the snapshot of step ``keep``: the promoted one, which the restarted
+        attempt's ``load_checkpoint`` reads from memory instead of disk (the child's next
+        snapshot removes it)."""
         try:
             with os.scandir(self.dir) as entries:
                 names = [e.name for e in entries]
         except OSError:
             return
+        kept = {ckptfmt.data_name(keep), ckptfmt.manifest_name(keep)} if keep is not None else set()
         for name in names:
+            if name in kept:
+                continue
             try:
                 os.unlink(self.dir / name)
             except OSError:
@@ -212,8 +219,9 @@ def snapshot_limit(failure: Failure | None, policy: Policy) -> int | None:
 
 def promote_newest(tier: MemoryTier, checkpoint_dir: Path, *, at_most: int | None,
                    newer_than: int | None) -> Promotion | None:
-    """Promote the newest snapshot in ``(newer_than, at_most]``, then empty the tier (what
-    is left there is older or distrusted). None when there is none or it cannot be copied."""
+    """Promote the newest snapshot in ``(newer_than, at_most]``, then empty the tier but for
+    it (what else is there is older or distrusted). None when there is none or it cannot be
+    copied."""
     if not tier.available:
         return None
     snap = tier.newest(at_most=at_most, newer_than=newer_than)
@@ -223,5 +231,5 @@ def promote_newest(tier: MemoryTier, checkpoint_dir: Path, *, at_most: int | Non
             promoted = tier.promote(snap, checkpoint_dir)
         except (OSError, ValueError):
             promoted = None
-    tier.clear()
+    tier.clear(keep=promoted.step if promoted is not None else None)
     return promoted

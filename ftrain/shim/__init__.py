@@ -293,7 +293,9 @@ def load_checkpoint(path: str | os.PathLike[str] | None = None, *, weights_only:
     """Load ``path`` (default ``FTRAIN_RESUME_FROM``) with ``torch.load``; None if neither.
 
     When the file has a manifest its size is checked (the supervisor checked the sha256
-    before it chose the file); a mismatch raises ``CheckpointError``.
+    before it chose the file); a mismatch raises ``CheckpointError``. When the resume point
+    is a promoted snapshot still held in the supervisor's memory tier (the same name, sha256
+    and size), its bytes are read from there instead of from disk.
     """
     target = os.fspath(path) if path is not None else _st.resume_from
     if not target:
@@ -302,7 +304,14 @@ def load_checkpoint(path: str | os.PathLike[str] | None = None, *, weights_only:
     _check_size(target)
     import torch
 
-    return torch.load(target, map_location=map_location, weights_only=weights_only)
+    source: Any = target
+    if _st.memory_dir is not None and path is None:
+        source = _from_memory(target) or target
+    try:
+        return torch.load(source, map_location=map_location, weights_only=weights_only)
+    finally:
+        if source is not target:
+            source.close()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -410,6 +419,40 @@ def _at_exit() -> None:
     if _st.save_error is not None:
         print(f"ftrain: the background save of step {_st.save_error_step} failed: {one_line(_st.save_error)}",
               file=sys.stderr, flush=True)
+
+
+def _from_memory(target: str) -> Any:
+    """The resume point's bytes in the supervisor's memory tier, open, when the snapshot
+    promoted to ``target`` is still there: the same name, and the same sha256 and size in
+    both manifests (the supervisor checked the sha256 of both when it promoted it). None
+    otherwise (then the file on disk is read)."""
+    from ftrain import ckptfmt
+
+    assert _st.memory_dir is not None
+    name = os.path.basename(target)
+    manifest = ckptfmt.manifest_for(name)
+    if manifest is None:
+        return None
+    metas = []
+    for folder in (os.path.dirname(target), _st.memory_dir):
+        try:
+            with open(os.path.join(folder, manifest), "rb") as f:
+                metas.append(json.load(f))
+        except (OSError, ValueError):
+            return None
+    disk, memory = metas
+    if not (isinstance(disk, dict) and isinstance(memory, dict) and disk.get("sha256")
+            and disk.get("sha256") == memory.get("sha256") and disk.get("bytes") == memory.get("bytes")):
+        return None
+    try:
+        f = open(os.path.join(_st.memory_dir, name), "rb")  # noqa: SIM115 - closed by load_checkpoint
+    except OSError:
+        return None   # the child's own next snapshot may have removed it
+    if os.fstat(f.fileno()).st_size != disk.get("bytes"):
+        f.close()
+        return None
+    print(f"ftrain: {name} read from host memory ({_st.memory_dir})", file=sys.stderr, flush=True)
+    return f
 
 
 def _check_size(path: str) -> None:
