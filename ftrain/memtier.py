@@ -9,8 +9,8 @@ When an attempt fails, ``promote`` copies the newest usable snapshot into ``chec
 (hashed on the way and checked against its manifest, fsynced, renamed into place: an
 ordinary checkpoint for resume, ``inspect``, retention and rollbacks), then ``clear``
 empties the tier but for the promoted snapshot, which the restarted attempt loads from
-memory (``ftrain.load_checkpoint``: same name, same sha256); the run's end removes it. Nothing here imports torch: the supervisor
-only moves and checksums bytes.
+memory (``ftrain.load_checkpoint``: same name, same sha256); the run's end removes it.
+Nothing here imports torch: the supervisor only moves and checksums bytes.
 """
 
 from __future__ import annotations

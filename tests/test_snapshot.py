@@ -63,6 +63,7 @@ def test_a_snapshot_survives_the_crash_and_the_restart_resumes_from_it_exactly(j
     assert manifest["tier"] == "memory"
     assert set(logged_steps(run)) == set(range(100))          # the child asserted its state at every step
     assert "snapshot of step" in p.stderr
+    assert f"step-{start['resume_step']:08d}.pt read from host memory" in p.stderr   # not from disk
     assert not MemoryTier(run).dir.exists()                     # the shared memory is gone after the run
 
 
@@ -127,3 +128,37 @@ print(taken, blocked)
     finally:
         shm.release()
     assert not shm.dir.exists()
+
+
+@pytest.mark.parametrize("value, share", [("2%", 0.02), ("0.5 %", 0.005), (0.05, 0.05), (1, 1.0)])
+def test_snapshot_overhead_is_a_percentage_or_a_fraction(value: object, share: float) -> None:
+    from ftrain.policyfile import parse_policy
+
+    assert parse_policy("version: 1\n", "p.yaml").checkpoints.snapshot_overhead == 0.02
+    assert parse_policy(f"version: 1\ncheckpoints:\n  snapshot_overhead: {value}\n",
+                        "p.yaml").checkpoints.snapshot_overhead == pytest.approx(share)
+
+
+@pytest.mark.parametrize("value", ["lots", "0%", "150%", "2", "-0.1", "true", "x%"])
+def test_a_bad_snapshot_overhead_is_a_one_line_error_and_exit_2(job: Path, value: str) -> None:
+    (job / "bad.yaml").write_text(f"version: 1\ncheckpoints:\n  keep_last: 3\n  snapshot_overhead: {value}\n")
+    p = run_ftrain("run", JOB, "--policy", "bad.yaml", "--run-dir", "run", "--no-ui", cwd=job, timeout=60)
+    assert p.returncode == 2, p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "bad.yaml:4: checkpoints.snapshot_overhead: must be a share" in lines[0], p.stderr
+    assert not (job / "run" / "journal.jsonl").exists()          # nothing was launched
+
+
+def test_a_lower_overhead_budget_takes_fewer_snapshots(job: Path) -> None:
+    taken = {}
+    for name, budget in (("default", None), ("low", "0.01%")):
+        policy = POLICY + (f"checkpoints: {{snapshot_overhead: {budget}}}\n" if budget else "")
+        (job / f"{name}.yaml").write_text(policy)
+        p = run_ftrain("run", JOB, "--policy", f"{name}.yaml", "--run-dir", name, "--no-ui",
+                       "--set", "train.steps=40", cwd=job, timeout=120)
+        assert p.returncode == 0, p.stderr[-3000:]
+        out = (job / name / "attempts" / "0001" / "output.log").read_text()
+        taken[name] = int(out.split("done; ")[1].split()[0])
+    # 2 %: a 4 MB copy blocks ~0.5-2 ms, so most of the 40 steps of 50 ms are snapshotted;
+    # 0.01 %: the next one waits 5-20 s, longer than the job
+    assert taken["default"] >= 15 and taken["low"] <= 2, taken
