@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 __all__ = ["config", "is_supervised", "load_checkpoint", "log", "save_checkpoint", "should_skip", "should_stop",
-           "snapshot"]
+           "snapshot", "timed"]
 __version__ = "0.1.0"
 
 if os.environ.get("FTRAIN_RUN_DIR"):
@@ -29,6 +29,7 @@ if os.environ.get("FTRAIN_RUN_DIR"):
         should_skip,
         should_stop,
         snapshot,
+        timed,
     )
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ftrain.detect import Anomaly
+from ftrain.detect import Anomaly, StragglerSpec
 from ftrain.errors import RunDirError
 from ftrain.files import read_bounded, write_json_atomic
 from ftrain.kinds import Failure, FailureKind
@@ -426,8 +426,9 @@ class Nodes(Ranks):
     to ``close``, stops this node's ranks when another node fails or falls silent, and
     agrees on each attempt's verdict."""
 
-    def __init__(self, spec: DistSpec, run_dir: Path, job_dir: Path, *, say: Say | None = None) -> None:
-        super().__init__(spec, run_dir, job_dir)
+    def __init__(self, spec: DistSpec, run_dir: Path, job_dir: Path, *, say: Say | None = None,
+                 straggler: StragglerSpec | None = None) -> None:
+        super().__init__(spec, run_dir, job_dir, straggler=straggler)
         self.coordinator = Coordinator(spec, Path(job_dir) / "coord", say=say)
         self._attempt = 0
         self._peer_stopped_at: float | None = None   # this attempt was stopped because another node failed

@@ -27,6 +27,7 @@ class FailureKind(str, enum.Enum):
     NONFINITE = "nonfinite"
     THRESHOLD = "threshold"
     SPIKE = "spike"
+    STRAGGLER = "straggler"
     EXCEPTION = "exception"
     NO_PROGRESS = "no_progress"
     EXIT_NONZERO = "exit_nonzero"
@@ -41,7 +42,7 @@ class FailureKind(str, enum.Enum):
 
 
 ANOMALY_KINDS = frozenset(
-    {FailureKind.NONFINITE, FailureKind.THRESHOLD, FailureKind.SPIKE, FailureKind.HANG}
+    {FailureKind.NONFINITE, FailureKind.THRESHOLD, FailureKind.SPIKE, FailureKind.HANG, FailureKind.STRAGGLER}
 )
 
 

@@ -15,7 +15,15 @@ from typing import Any
 
 import yaml
 
-from ftrain.detect import DetectSpec, HangSpec, NonfiniteSpec, SpikeSpec, ThresholdSpec, parse_duration
+from ftrain.detect import (
+    DetectSpec,
+    HangSpec,
+    NonfiniteSpec,
+    SpikeSpec,
+    StragglerSpec,
+    ThresholdSpec,
+    parse_duration,
+)
 from ftrain.errors import PolicyError
 from ftrain.files import read_bounded
 from ftrain.kinds import ANOMALY_KINDS, FailureKind
@@ -30,9 +38,10 @@ TOP_KEYS = ("version", "max_restarts", "backoff", "no_progress", "grace", "warm_
             "checkpoints", "script", "notify", "slurm")
 RULE_KEYS = ("when", "action", "set", "if_missing", "max", "margin", "skip_steps")
 BACKOFF_KEYS = ("initial", "factor", "max")
-DETECT_KEYS = ("nonfinite", "threshold", "spike", "hang")
+DETECT_KEYS = ("nonfinite", "threshold", "spike", "hang", "straggler")
 SPIKE_KEYS = ("window", "zscore", "warmup", "patience")
 HANG_KEYS = ("timeout", "startup", "floor", "factor")
+STRAGGLER_KEYS = ("factor", "window")
 CHECKPOINT_KEYS = ("keep_last", "keep_every", "keep_best", "snapshot_overhead")
 NOTIFY_KEYS = ("command", "webhook", "events", "timeout")
 SLURM_KEYS = ("requeue",)
@@ -349,7 +358,23 @@ def _parse_detect(c: _Checker, raw: Any) -> DetectSpec:
                 floor=c.duration(hg, "floor", hp, base.floor) or base.floor,
                 factor=c.number(hg, "factor", hp, minimum=1.0, default=base.factor),
             )
-    return DetectSpec(nonfinite=nonfinite, thresholds=thresholds, spikes=spikes, hang=hang)
+    straggler = default.straggler
+    if "straggler" in raw:
+        sg = raw["straggler"]
+        if sg in (False, None):
+            straggler = None
+        elif not isinstance(sg, dict):
+            c.error(path + ("straggler",), "must be a mapping (factor, window) or false")
+        else:
+            sp_ = path + ("straggler",)
+            c.keys(sg, STRAGGLER_KEYS, sp_)
+            base_s = default.straggler or StragglerSpec()
+            straggler = _build(
+                c, sp_, StragglerSpec,
+                factor=c.number(sg, "factor", sp_, default=base_s.factor),
+                window=c.number(sg, "window", sp_, integer=True, minimum=3, default=base_s.window),
+            )
+    return DetectSpec(nonfinite=nonfinite, thresholds=thresholds, spikes=spikes, hang=hang, straggler=straggler)
 
 
 def _build(c: _Checker, path: tuple[Any, ...], cls: Any, *args: Any, **kwargs: Any) -> Any:

@@ -1,4 +1,5 @@
-"""torchrun's ranks on this machine, watched while they run: heartbeats, pids, stack dumps.
+"""torchrun's ranks on this machine, watched while they run: heartbeats, pids, stack dumps,
+stragglers.
 
 Every rank keeps a heartbeat file ``$FTRAIN_RUN_DIR/heartbeat/rank-N`` whose content is its
 pid; a rank whose heartbeat is older than the hang timeout is a hang (``RankWatch.check``).
@@ -25,7 +26,7 @@ from typing import Any
 
 import psutil
 
-from ftrain.detect import Anomaly
+from ftrain.detect import STEP_TIMES, Anomaly, Stragglers, StragglerSpec
 from ftrain.kinds import Failure, FailureKind
 from ftrain.outcome import RankReport
 from ftrain.policy import Decision
@@ -41,13 +42,42 @@ DUMP_BYTES = 256 * 1024     # read at most this much of a rank's stack dump
 
 
 # --------------------------------------------------------------------------- heartbeats and stacks
+HEARTBEAT_BYTES = 4096      # read at most this much of a heartbeat file (64 step times fit)
+
+
 @dataclass(frozen=True)
 class Heartbeat:
-    """One rank's heartbeat file: its pid (None if not written yet) and its last refresh."""
+    """One rank's heartbeat file: its pid (None if not written yet), its last refresh, and
+    what the shim wrote after the pid: the last step and its latest per-step times (s)."""
 
     rank: int
     pid: int | None
     mtime: float
+    step: int | None = None
+    times: tuple[float, ...] = ()
+
+
+def _parse_beat(rank: int, mtime: float, text: str) -> Heartbeat:
+    """A heartbeat's content (``ftrain.shim.metrics.heartbeat``); what does not parse is left out."""
+    first, _, rest = text.partition("\n")
+    first = first.strip()
+    pid = int(first) if first.isdigit() and len(first) < 12 else None
+    fields = rest.split()
+    step: int | None = None
+    times: list[float] = []
+    if fields and fields[0].lstrip("-").isdigit() and len(fields[0]) < 20:
+        step = int(fields[0]) if int(fields[0]) >= 0 else None
+        for f in fields[1:STEP_TIMES + 1]:
+            try:
+                t = float(f)
+            except ValueError:
+                times = []
+                break
+            if not (math.isfinite(t) and t >= 0):
+                times = []
+                break
+            times.append(t)
+    return Heartbeat(rank, pid, mtime, step, tuple(times))
 
 
 def read_heartbeats(folder: Path) -> dict[int, Heartbeat]:
@@ -66,10 +96,10 @@ def read_heartbeats(folder: Path) -> dict[int, Heartbeat]:
                 continue
             mtime = entry.stat().st_mtime
             with open(entry.path, "rb") as f:
-                text = f.read(32).decode("ascii", "replace").strip()
+                text = f.read(HEARTBEAT_BYTES).decode("ascii", "replace")
         except OSError:
             continue
-        found[int(name[5:])] = Heartbeat(int(name[5:]), int(text) if text.isdigit() else None, mtime)
+        found[int(name[5:])] = _parse_beat(int(name[5:]), mtime, text)
     return found
 
 
@@ -109,9 +139,11 @@ class RankWatch:
     (a hang) ``dump_stacks`` → ``explain`` → ``rank_of`` for the reports.
     """
 
-    def __init__(self, heartbeat_dir: Path, *, multi_node: bool = False) -> None:
+    def __init__(self, heartbeat_dir: Path, *, multi_node: bool = False,
+                 straggler: StragglerSpec | None = None) -> None:
         self.heartbeat_dir = Path(heartbeat_dir)
         self.multi_node = multi_node
+        self.stragglers = Stragglers(straggler) if straggler is not None else None
         self.attempt_dir: Path | None = None
         self.leader_pid: int | None = None
         self._started = 0.0                                  # wall clock at the attempt's start
@@ -131,6 +163,8 @@ class RankWatch:
         self._pids.clear()
         self._dump_offsets.clear()
         self._next_check = 0.0
+        if self.stragglers is not None:
+            self.stragglers.start_attempt()
 
     def due(self) -> bool:
         """Whether a look at the files is due (at most one per CHECK_EVERY seconds)."""
@@ -146,13 +180,19 @@ class RankWatch:
 
     def check(self, hang_timeout: float, step: int | None, now: float | None = None) -> Anomaly | None:
         """A hang when one rank's heartbeat is older than ``hang_timeout`` (the detectors'
-        current limit); a rank that has exited is not hung."""
+        current limit); a rank that has exited is not hung. Else a straggler among the live
+        ranks (``detect.Stragglers``), when the policy watches for one."""
         now = time.time() if now is None else now
         self.learn_pids()
-        if not math.isfinite(hang_timeout):
-            return None
         live = set(self.rank_pids().values())
         beats = {r: hb for r, hb in self._beats().items() if hb.pid is None or hb.pid in live}
+        hang = self._hang(beats, hang_timeout, step, now) if math.isfinite(hang_timeout) else None
+        if hang is not None or self.stragglers is None:
+            return hang
+        return self.stragglers.check({r: hb.times for r, hb in beats.items() if hb.pid is not None}, step)
+
+    def _hang(self, beats: dict[int, Heartbeat], hang_timeout: float, step: int | None,
+              now: float) -> Anomaly | None:
         stale = sorted((now - hb.mtime, hb.rank) for hb in beats.values() if now - hb.mtime > hang_timeout)
         if not stale:
             return None
@@ -280,11 +320,12 @@ class Ranks:
 
     distributed = True
 
-    def __init__(self, spec: DistSpec, run_dir: Path, job_dir: Path | None = None) -> None:
+    def __init__(self, spec: DistSpec, run_dir: Path, job_dir: Path | None = None, *,
+                 straggler: StragglerSpec | None = None) -> None:
         self.spec = spec
         self.run_dir = Path(run_dir)
         self._job_dir = Path(job_dir) if job_dir is not None else self.run_dir
-        self.watch = RankWatch(self.run_dir / "heartbeat", multi_node=spec.multi_node)
+        self.watch = RankWatch(self.run_dir / "heartbeat", multi_node=spec.multi_node, straggler=straggler)
 
     @property
     def job_dir(self) -> Path:

@@ -97,7 +97,7 @@ def start_run(*, script: str, script_args: tuple[str, ...], policy_path: Path | 
     reporter = make_reporter(no_ui)
     listeners = make_listeners(tensorboard, policy, run_dir, reporter, spec)
     supervisor = Supervisor(run_dir, policy, launch, reporter, inject=faults, script=script_side,
-                            topology=make_topology(spec, run_dir, job_dir, reporter), listeners=listeners,
+                            topology=make_topology(spec, run_dir, job_dir, reporter, policy), listeners=listeners,
                             launcher=make_launcher(policy.warm_start, launch.cwd, command[0]))
     return supervisor.run()
 
@@ -113,14 +113,16 @@ def make_script(policy: Policy, config: dict[str, Any] | None, *, cwd: Path | No
                                      started=started)
 
 
-def make_topology(spec: Any, run_dir: Path, job_dir: Path, reporter: Reporter) -> Topology:
+def make_topology(spec: Any, run_dir: Path, job_dir: Path, reporter: Reporter, policy: Policy) -> Topology:
     """One process, or torchrun's ranks on one or several machines (``ftrain.topology``);
-    what happens between the nodes is told through ``reporter``."""
+    what happens between the nodes is told through ``reporter``; the ranks are watched for
+    a straggler as the policy's ``detect: straggler`` says."""
     if spec is None:
         return Single(run_dir)
     from ftrain.topology import make_topology as make
 
-    return make(spec, run_dir, job_dir, say=lambda message, level: reporter.event(message, level=level))
+    return make(spec, run_dir, job_dir, say=lambda message, level: reporter.event(message, level=level),
+                straggler=policy.detect.straggler)
 
 
 def make_listeners(tensorboard: Path | None, policy: Policy, run_dir: Path, reporter: Reporter,
@@ -237,7 +239,7 @@ def resume_run(run_dir: Path | None, *, max_restarts: int | None, no_ui: bool) -
         _redo_rollback(events, script_side, run_dir / "checkpoints")
     reporter = make_reporter(no_ui)
     supervisor = Supervisor(run_dir, policy, launch, reporter, state=state, max_restarts=budget,
-                            script=script_side, topology=make_topology(spec, run_dir, job_dir, reporter),
+                            script=script_side, topology=make_topology(spec, run_dir, job_dir, reporter, policy),
                             listeners=make_listeners(Path(tb) if tb else None, policy, run_dir, reporter, spec),
                             launcher=make_launcher(policy.warm_start, cwd, launch.command[0]),
                             open_attempt=_open_attempt(events))

@@ -634,14 +634,19 @@ class Supervisor:
 
     def _stops_for(self, anomaly: Anomaly) -> bool:
         rule = self.policy.rule_for(anomaly.kind)
-        return rule is None or rule.action is not Action.IGNORE
+        if rule is None:   # a straggler is news, not a fault, until a rule says what to do with it
+            return anomaly.kind is not FailureKind.STRAGGLER
+        return rule.action is not Action.IGNORE
 
     def _record_anomaly(self, anomaly: Anomaly, ignored: bool) -> None:
         value = anomaly.value if anomaly.value is None or math.isfinite(anomaly.value) else str(anomaly.value)
         self._event(Event.ANOMALY, attempt=self.state.attempt, kind=anomaly.kind.value, step=anomaly.step,
                     metric=anomaly.metric, value=value, reason=anomaly.reason,
                     evidence=list(anomaly.evidence), action="ignore" if ignored else None)
-        self._say(f"anomaly: {anomaly.reason}" + (" (ignored by policy)" if ignored else ""), "warn")
+        note = " (ignored by policy)" if ignored else ""
+        if ignored and self.policy.rule_for(anomaly.kind) is None:
+            note = f" (reported only: no rule names {anomaly.kind.value})"
+        self._say(f"anomaly: {anomaly.reason}{note}", "warn")
 
     def _retain(self, watch: AttemptWatch) -> None:
         """Apply the policy's checkpoint retention, never deleting what a rollback could need:

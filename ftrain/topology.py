@@ -40,6 +40,7 @@ from ftrain.policy import Decision
 from ftrain.state import RunState
 
 if TYPE_CHECKING:
+    from ftrain.detect import StragglerSpec
     from ftrain.torchrun import DistSpec
 
 __all__ = ["Single", "Topology", "Verdict", "job_dir_of", "make_topology", "node_dir"]
@@ -169,19 +170,21 @@ class Single:
 
 # --------------------------------------------------------------------------- building one
 def make_topology(spec: DistSpec | None, run_dir: Path, job_dir: Path, *,
-                  say: Callable[[str, str], None] | None = None) -> Topology:
+                  say: Callable[[str, str], None] | None = None,
+                  straggler: StragglerSpec | None = None) -> Topology:
     """One process (no spec), torchrun's ranks on this machine, or one node of several.
     ``say(message, level)``: where the nodes' coordination tells a person what it waits for
-    (default: ``[ftrain]`` lines on stderr)."""
+    (default: ``[ftrain]`` lines on stderr); ``straggler``: the policy's straggler detector
+    (``detect: straggler``), run over this machine's ranks."""
     if spec is None:
         return Single(run_dir)
     if not spec.multi_node:
         from ftrain.ranks import Ranks
 
-        return Ranks(spec, run_dir, job_dir)
+        return Ranks(spec, run_dir, job_dir, straggler=straggler)
     from ftrain.coord import Nodes
 
-    return Nodes(spec, run_dir, job_dir, say=say or _say_on_stderr)
+    return Nodes(spec, run_dir, job_dir, say=say or _say_on_stderr, straggler=straggler)
 
 
 def _say_on_stderr(message: str, level: str) -> None:

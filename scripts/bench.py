@@ -183,6 +183,111 @@ def bench_dist_restart_gap(tmp: Path, n: int) -> None:
            f"torchrun --max-restarts: {t_med:.0f} ms")
 
 
+RANKS_PY = """
+import os, sys, time
+import torch, torch.distributed as dist
+from torch import nn
+import ftrain
+
+def stamp(what):
+    with open(os.environ["STAMPS"], "a") as f:
+        f.write(f"{what} {time.time():.6f} {os.environ.get('FTRAIN_ATTEMPT', '-')} {os.environ['RANK']}\\n")
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)))
+opt = torch.optim.SGD(model.parameters(), lr=0.05)
+state = ftrain.load_checkpoint()
+start = state["step"] + 1 if state else 0
+die = int(os.environ.get("DIE_AT", "-1")) if os.environ.get("FTRAIN_ATTEMPT", "1") == "1" else -1
+for step in range(start, int(os.environ.get("STEPS", "30"))):
+    if step == die and rank == 1:
+        stamp("death")
+        os.kill(os.getpid(), 11)
+    x = torch.randn(16, 8)
+    loss = model(x).pow(2).mean()
+    opt.zero_grad(); loss.backward(); opt.step()
+    if step == start:
+        stamp("first")
+    time.sleep(0.02)
+    ftrain.log(step, loss=loss.detach())
+    if step % 5 == 4:
+        ftrain.save_checkpoint({"step": step}, step)
+dist.destroy_process_group()
+"""
+
+RANKS_POLICY = """
+version: 1
+max_restarts: 2
+backoff: 0s
+warm_start: {warm}
+detect: {{hang: {{timeout: 60s, startup: 120s}}}}
+rules:
+  - when: [segfault, exit_nonzero, exception, killed, aborted]
+    action: restart
+"""
+
+
+def _stamps(path: Path) -> list[tuple[str, float, str, str]]:
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        what, t, attempt, rank = line.split()
+        out.append((what, float(t), attempt, rank))
+    return out
+
+
+def bench_ranks(tmp: Path, n: int) -> None:
+    """Two ranks (DDP, gloo on CPU) under ftrain; rank 1 dies by SIGSEGV at step 12 of attempt
+    1. Rank death → decision (journal) and rank death → the restarted job's first step, ftrain
+    warm (a warm torchrun agent) and cold, against a cold torchrun start → first step."""
+    torchrun = shutil.which("torchrun") or str(Path(PY).with_name("torchrun"))
+    script = tmp / "ranks.py"
+    script.write_text(RANKS_PY)
+    env0 = {k: v for k, v in os.environ.items() if not k.startswith("FTRAIN_")}
+    env0["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env0.get("PYTHONPATH", "")) if p)
+    results: dict[str, dict[str, list[float]]] = {}
+    for warm in ("true", "false"):
+        rows = results.setdefault(warm, {"decide": [], "first": []})
+        for i in range(n):
+            policy = tmp / f"p-{warm}.yaml"
+            policy.write_text(RANKS_POLICY.format(warm=warm))
+            stamps = tmp / f"s-{warm}-{i}"
+            run = tmp / f"run-{warm}-{i}"
+            subprocess.run([PY, "-m", "ftrain", "run", str(script), "--nproc-per-node", "2", "--policy", str(policy),
+                            "--no-ui", "--run-dir", str(run)], cwd=tmp, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, env={**env0, "STAMPS": str(stamps), "DIE_AT": "12",
+                                                           "STEPS": "16"}, timeout=300)
+            st = _stamps(stamps)
+            death = next((t for w, t, a, _ in st if w == "death"), None)
+            first = min((t for w, t, a, _ in st if w == "first" and a == "2"), default=None)
+            decided = [json.loads(line)["t"] for line in (run / "journal.jsonl").read_text().splitlines()
+                       if '"decision"' in line]
+            if death is None or first is None or not decided:
+                print(f"ranks: run {warm}/{i} did not restart as planned")
+                continue
+            rows["decide"].append(decided[0] - death)
+            rows["first"].append(first - death)
+    cold_start: list[float] = []
+    for i in range(n):
+        stamps = tmp / f"t-{i}"
+        began = time.time()
+        subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "--monitor-interval", "0.1", str(script)],
+                       cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       env={**env0, "STAMPS": str(stamps), "STEPS": "2"}, timeout=300)
+        firsts = [t for w, t, _, _ in _stamps(stamps) if w == "first"]
+        if firsts:
+            cold_start.append(min(firsts) - began)
+    med = {w: {k: statistics.median(v) if v else math.nan for k, v in r.items()} for w, r in results.items()}
+    t_cold = statistics.median(cold_start) if cold_start else math.nan
+    report("ranks_death_to_decision_s", med["true"]["decide"], "s", "",
+           f"2 ranks, {n} runs each; cold (warm_start: false) {med['false']['decide']:.2f} s")
+    report("ranks_death_to_first_step_warm_s", med["true"]["first"], "s", "<= 0.5x a cold torchrun start",
+           f"cold {med['false']['first']:.2f} s; a cold torchrun start to first step {t_cold:.2f} s; "
+           f"warm/torchrun {med['true']['first'] / t_cold:.2f}x")
+    RESULTS["ranks_death_to_first_step_cold_s"] = med["false"]["first"]
+    RESULTS["ranks_torchrun_cold_start_s"] = t_cold
+
+
 def bench_startup(tmp: Path, n: int = 7) -> None:
     """Supervisor start → child exec: `ftrain run` launched → the child's first instruction."""
     script = tmp / "stamp.sh"
@@ -441,6 +546,7 @@ def main() -> None:
     benches: dict[str, Callable[[Path], None]] = {
         "restart": lambda t: bench_restart_gap(t, 10 if q else 30),
         "dist_gap": lambda t: bench_dist_restart_gap(t, 3 if q else 6),
+        "ranks": lambda t: bench_ranks(t, 2 if q else 5),
         "startup": lambda t: bench_startup(t, 3 if q else 7),
         "log": bench_log_cost,
         "ingest": lambda t: bench_ingest(t, 200_000 if q else 500_000),

@@ -82,8 +82,8 @@ def feed_all(det: Detectors, values: Iterable[float], metric: str = "loss",
 
 def test_public_surface() -> None:
     assert sorted(detect.__all__) == sorted(
-        ["Anomaly", "DetectSpec", "Detectors", "HangSpec", "NonfiniteSpec", "SpikeSpec", "ThresholdSpec",
-         "parse_duration"])
+        ["Anomaly", "DetectSpec", "Detectors", "HangSpec", "NonfiniteSpec", "SpikeSpec", "StragglerSpec",
+         "Stragglers", "ThresholdSpec", "parse_duration"])
     assert sorted(tail.__all__) == ["ChangeNotifier", "Record", "TailStats", "Tailer"]
     for module in (detect, tail):
         for name in module.__all__:

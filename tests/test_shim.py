@@ -112,7 +112,7 @@ def finish(proc: subprocess.Popen[str], timeout: float = 20.0) -> int:
 # --------------------------------------------------------------------------- surface and import
 def test_public_surface() -> None:
     assert ftrain.__all__ == ["config", "is_supervised", "load_checkpoint", "log", "save_checkpoint",
-                              "should_skip", "should_stop", "snapshot"]
+                              "should_skip", "should_stop", "snapshot", "timed"]
     assert all(callable(getattr(ftrain, name)) for name in ftrain.__all__)
     assert ftrain.__version__ == "0.1.0"
 

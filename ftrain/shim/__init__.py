@@ -42,6 +42,7 @@ from ftrain.shim.metrics import (
     heartbeat,
     one_line,
     record_modules,
+    step_time,
     write,
 )
 
@@ -62,6 +63,7 @@ __all__ = [
     "should_skip",
     "should_stop",
     "snapshot",
+    "timed",
 ]
 
 
@@ -91,6 +93,12 @@ class ProcessState:
         if self.run_dir is not None and rank is not None:
             self.heartbeat_path = os.path.join(self.run_dir, "heartbeat", f"rank-{self.rank}")
         self.heartbeat_at = -math.inf
+        # Per-step times for the supervisor's straggler score (carried by the heartbeat):
+        # the time in ftrain.timed() per step where the script uses it, else log to log.
+        self.step_times: list[float] = []
+        self.step_seen: tuple[int, float] | None = None   # (step, perf_counter) of the last log
+        self.timed_total = 0.0                            # time in timed() since the last log
+        self.timed_used = False
         self.fd: int | None = None
         self.fd_lock = threading.Lock()
         self.last_step: int | None = None
@@ -214,6 +222,7 @@ def log(step: int, *, rank_zero_only: bool = True, **metrics: Any) -> None:
         metrics = fire_due(st, step, metrics)
     st.last_metrics = metrics
     if st.heartbeat_path is not None:
+        step_time(st, step)
         heartbeat(st)
     if st.metrics_path is None or (rank_zero_only and st.rank != 0):
         return
@@ -227,6 +236,31 @@ def log(step: int, *, rank_zero_only: bool = True, **metrics: Any) -> None:
         record["rank"] = st.rank
     record.update(metrics)
     write(st, record)
+
+
+class _Timed:
+    """``ftrain.timed()``: adds the time spent inside to this rank's step time."""
+
+    __slots__ = ("began",)
+
+    def __enter__(self) -> _Timed:
+        self.began = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        st = _st
+        st.timed_total += time.perf_counter() - self.began
+        st.timed_used = True
+
+
+def timed() -> _Timed:
+    """A context manager around the part of a step that does not wait for the other ranks
+    (loading the batch, the forward pass): under torchrun its time per step, on every rank,
+    is what ftrain compares to find a straggler (DESIGN §6 ``detect: straggler``). Without
+    it a rank's step time is the time between two ``ftrain.log`` calls, which in a job whose
+    ranks meet in a collective every step is the same on every rank. Cheap (two clock
+    reads); works anywhere, the supervisor or not."""
+    return _Timed()
 
 
 def should_skip(step: int) -> bool:

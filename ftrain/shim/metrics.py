@@ -11,7 +11,6 @@ Standard library only, like the rest of the shim.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -25,9 +24,10 @@ if TYPE_CHECKING:
     from ftrain.shim import ProcessState
 
 __all__ = ["HEARTBEAT_EVERY", "MAX_STRING", "PLAIN", "as_step", "coerce", "control", "heartbeat", "one_line",
-           "plain_metrics", "record_modules", "write", "write_all"]
+           "plain_metrics", "record_modules", "step_time", "write", "write_all"]
 
 HEARTBEAT_EVERY = 0.5      # seconds between two refreshes of a rank's heartbeat file
+STEP_TIMES = 64            # per-step times a heartbeat carries (ftrain.detect.STEP_TIMES)
 MAX_STRING = 256           # longer string metrics are cut to this many characters
 PLAIN = frozenset({float, int, bool, type(None)})   # written as they are, no conversion
 _encode = json.JSONEncoder().encode                 # NaN/Infinity allowed, like json.dumps
@@ -151,39 +151,57 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
+def step_time(st: ProcessState, step: int) -> None:
+    """Note this rank's time per step at a ``log`` call: the time spent in ``ftrain.timed()``
+    since the last call where the script uses it, else the time since the last call; over
+    the steps between the two calls. The last ``STEP_TIMES`` are kept for the heartbeat."""
+    now = time.perf_counter()
+    seen = st.step_seen
+    st.step_seen = (step, now)
+    own, st.timed_total = st.timed_total, 0.0
+    if seen is None or step <= seen[0]:
+        return      # the first step, or the loop went back (a skip window, a new epoch's count)
+    times = st.step_times
+    times.append((own if st.timed_used else now - seen[1]) / (step - seen[0]))
+    if len(times) > 2 * STEP_TIMES:
+        del times[:-STEP_TIMES]
+
+
 def heartbeat(st: ProcessState) -> None:
     """Refresh this rank's heartbeat file, at most every ``HEARTBEAT_EVERY`` seconds.
 
-    Its content is the rank's pid (written by the first heartbeat of the process), so the
-    supervisor can ask every rank for a stack dump without asking their launcher.
+    Its content is the rank's pid on the first line, so the supervisor can ask every rank
+    for a stack dump without asking their launcher; then the last step and the rank's
+    latest per-step times in seconds, newest last (``step_time``), for the straggler score::
+
+        4711
+        120 0.0412 0.0398 0.0405 …
     """
     now = time.monotonic()
     if now - st.heartbeat_at < HEARTBEAT_EVERY:
         return
-    first = st.heartbeat_at == -math.inf
     st.heartbeat_at = now
     path = st.heartbeat_path
     assert path is not None
     try:
-        if first:
-            _write_pid(path)
-        else:
-            os.utime(path)
+        _write_beat(path, st)
     except FileNotFoundError:
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            _write_pid(path)
+            _write_beat(path, st)
         except OSError:
             pass   # a heartbeat is advice to the supervisor; never fail a training step for it
     except OSError:
         pass
 
 
-def _write_pid(path: str) -> None:
-    """Write this process's pid to ``path`` atomically (a reader never sees it half written)."""
+def _write_beat(path: str, st: ProcessState) -> None:
+    """Write the heartbeat atomically (a reader never sees it half written)."""
     from ftrain.files import write_atomic
 
-    write_atomic(path, f"{os.getpid()}\n")
+    times = " ".join(f"{t:.6g}" for t in st.step_times[-STEP_TIMES:])
+    step = st.last_step if st.last_step is not None else -1
+    write_atomic(path, f"{os.getpid()}\n{step} {times}\n")
 
 
 def record_modules(st: ProcessState) -> None:

@@ -9,6 +9,8 @@ environment and fire in attempt 1 only (so a restart can finish):
   sees the variable, e.g. all ranks of one node): at that step ``segv`` (a real SIGSEGV),
   ``hang`` (sleep forever outside any collective, so the other ranks block in their next
   allreduce).
+* ``DIST_SLOW_RANK=r:seconds``: rank r sleeps that much longer per step, inside its
+  ``ftrain.timed()`` section (a straggler; every attempt).
 * ``DIST_GLOO_TIMEOUT`` seconds for the process group's collectives (default 300), long
   enough that ftrain's hang detector fires before gloo gives up.
 
@@ -57,6 +59,9 @@ def main() -> None:
         fault_kind, _, step_text = spec.partition("@")
         fault_step = int(step_text)
 
+    slow_rank, _, extra = os.environ.get("DIST_SLOW_RANK", "").partition(":")
+    slow = float(extra) if slow_rank.isdigit() and int(slow_rank) == rank else 0.0
+
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
     ddp = nn.parallel.DistributedDataParallel(model)
@@ -76,13 +81,14 @@ def main() -> None:
             continue
         if step == fault_step and fault_kind is not None:
             fire(fault_kind, rank, step)
-        x = torch.randn(int(t["batch_size"]), 8, generator=gen)
-        y = (x @ w_true).unsqueeze(1)
-        loss = nn.functional.mse_loss(ddp(x), y)
+        with ftrain.timed():   # this rank's own work: its batch and forward pass, no collective
+            x = torch.randn(int(t["batch_size"]), 8, generator=gen)
+            y = (x @ w_true).unsqueeze(1)
+            loss = nn.functional.mse_loss(ddp(x), y)
+            time.sleep(float(t["sleep"]) + slow)   # the input pipeline's time; longer on a slow rank
         opt.zero_grad()
         loss.backward()
         opt.step()
-        time.sleep(float(t["sleep"]))
         ftrain.log(step, loss=loss.detach(), grad_norm=0.5)
         if t["ckpt_every"] and (step + 1) % int(t["ckpt_every"]) == 0:
             ftrain.save_checkpoint({"model": model.state_dict(), "optim": opt.state_dict(), "step": step}, step)
