@@ -102,7 +102,6 @@ class Notifier:
         self.host = socket.gethostname()
         self.say = say
         self.journal_path = journal_path if journal_path is not None else self.run_dir / "journal.jsonl"
-        self.sent = 0
         self.dropped = 0
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(QUEUE_LIMIT)
         self._failures: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
@@ -159,7 +158,6 @@ class Notifier:
                 self._deliver("command", self._run_command, body, str(message["event"]))
             if self.spec.webhook:
                 self._deliver("webhook", self._post, body)
-            self.sent += 1
 
     def _deliver(self, where: str, send: Callable[..., str | None], *args: Any) -> None:
         try:
@@ -171,7 +169,7 @@ class Notifier:
             self._journal(where, problem)
 
     def _run_command(self, body: bytes, event: str) -> str | None:
-        from ftrain.process import HELPER_VAR, own_helper
+        from ftrain.process import HELPER_VAR
 
         env = {**os.environ, "FTRAIN_NOTIFY_EVENT": event, HELPER_VAR: "notify"}
         try:
@@ -180,7 +178,6 @@ class Notifier:
         except OSError as exc:
             return f"{self.spec.command[0]}: {exc.strerror or exc}"
         self._proc = proc
-        own_helper(proc.pid)
         try:
             _, err = proc.communicate(body, timeout=self.spec.timeout)
         except subprocess.TimeoutExpired:
@@ -188,7 +185,6 @@ class Notifier:
             proc.communicate()
             return f"`{shlex.join(self.spec.command)}` did not finish in {self.spec.timeout:g}s (killed)"
         finally:
-            own_helper(proc.pid, running=False)
             self._proc = None
         if proc.returncode != 0:
             tail = err.decode(errors="replace").strip()[-TAIL_LIMIT:]

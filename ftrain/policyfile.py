@@ -339,42 +339,51 @@ def _parse_detect(c: _Checker, raw: Any) -> DetectSpec:
             spikes += (spike,) if spike else ()
 
     hang = default.hang
-    if "hang" in raw:
-        hg = raw["hang"]
-        if hg in (False, None):
-            hang = None
-        elif not isinstance(hg, dict):
-            c.error(path + ("hang",), "must be a mapping (timeout, startup, floor, factor) or false")
-        else:
-            hp = path + ("hang",)
-            c.keys(hg, HANG_KEYS, hp)
-            base = default.hang or HangSpec()
-            timeout = hg.get("timeout", "auto")
-            timeout_s = None if timeout == "auto" else c.duration(hg, "timeout", hp, None)
-            hang = _build(
-                c, hp, HangSpec,
-                timeout=timeout_s,
-                startup=c.duration(hg, "startup", hp, base.startup) or base.startup,
-                floor=c.duration(hg, "floor", hp, base.floor) or base.floor,
-                factor=c.number(hg, "factor", hp, minimum=1.0, default=base.factor),
-            )
+    hg = _switchable(c, raw, "hang", HANG_KEYS, path)
+    if hg is None:
+        hang = None
+    elif hg:
+        hp = path + ("hang",)
+        base = default.hang or HangSpec()
+        timeout = hg.get("timeout", "auto")
+        timeout_s = None if timeout == "auto" else c.duration(hg, "timeout", hp, None)
+        hang = _build(
+            c, hp, HangSpec,
+            timeout=timeout_s,
+            startup=c.duration(hg, "startup", hp, base.startup) or base.startup,
+            floor=c.duration(hg, "floor", hp, base.floor) or base.floor,
+            factor=c.number(hg, "factor", hp, minimum=1.0, default=base.factor),
+        )
     straggler = default.straggler
-    if "straggler" in raw:
-        sg = raw["straggler"]
-        if sg in (False, None):
-            straggler = None
-        elif not isinstance(sg, dict):
-            c.error(path + ("straggler",), "must be a mapping (factor, window) or false")
-        else:
-            sp_ = path + ("straggler",)
-            c.keys(sg, STRAGGLER_KEYS, sp_)
-            base_s = default.straggler or StragglerSpec()
-            straggler = _build(
-                c, sp_, StragglerSpec,
-                factor=c.number(sg, "factor", sp_, default=base_s.factor),
-                window=c.number(sg, "window", sp_, integer=True, minimum=3, default=base_s.window),
-            )
+    sg = _switchable(c, raw, "straggler", STRAGGLER_KEYS, path)
+    if sg is None:
+        straggler = None
+    elif sg:
+        sp = path + ("straggler",)
+        base_s = default.straggler or StragglerSpec()
+        straggler = _build(
+            c, sp, StragglerSpec,
+            factor=c.number(sg, "factor", sp, default=base_s.factor),
+            window=c.number(sg, "window", sp, integer=True, minimum=3, default=base_s.window),
+        )
     return DetectSpec(nonfinite=nonfinite, thresholds=thresholds, spikes=spikes, hang=hang, straggler=straggler)
+
+
+def _switchable(c: _Checker, raw: Mapping[str, Any], name: str, keys: Sequence[str],
+                path: tuple[Any, ...]) -> dict[str, Any] | None:
+    """A detector section that may be turned off: None for ``false``/null, its checked
+    mapping when given, ``{}`` when absent or not a mapping (the default stays; an error is
+    recorded for the latter)."""
+    if name not in raw:
+        return {}
+    value = raw[name]
+    if value in (False, None):
+        return None
+    if not isinstance(value, dict):
+        c.error(path + (name,), f"must be a mapping ({', '.join(keys)}) or false")
+        return {}
+    c.keys(value, keys, path + (name,))
+    return value
 
 
 def _build(c: _Checker, path: tuple[Any, ...], cls: Any, *args: Any, **kwargs: Any) -> Any:

@@ -51,7 +51,6 @@ except (OSError, AttributeError):  # not Linux
 
 _subreaper = False  # set by become_subreaper(); then orphans of an attempt are our children
 _leaders: set[int] = set()  # every live Child: a subreaper's scan for orphans leaves the others alone
-_helpers: set[int] = set()  # ftrain's own children that are no attempt's (an alert command)
 OutputSink = Callable[[bytes, bool], None]  # (data, is_stderr)
 RUN_DIR_VAR, ATTEMPT_VAR, SPARE_VAR = "FTRAIN_RUN_DIR", "FTRAIN_ATTEMPT", "FTRAIN_SPARE"
 HELPER_VAR = "FTRAIN_HELPER"   # in the environment of ftrain's own commands (alerts): no attempt's
@@ -75,53 +74,42 @@ def descendants(pid: int, skip: Collection[int] = ()) -> list[int]:
     out: list[int] = []
     todo = [pid]
     while todo:
-        parent = todo.pop()
-        try:
-            tasks = os.listdir(f"/proc/{parent}/task")
-        except FileNotFoundError:
-            continue
-        except OSError:
+        kids = _children(todo.pop())
+        if kids is None:
             return [p.pid for p in _psutil_children(pid)]
-        for tid in tasks:
-            try:
-                with open(f"/proc/{parent}/task/{tid}/children") as f:
-                    kids = [int(x) for x in f.read().split()]
-            except FileNotFoundError:
-                continue
-            except OSError:
-                return [p.pid for p in _psutil_children(pid)]
-            kids = [k for k in kids if k not in skip]
-            out.extend(kids)
-            todo.extend(kids)
+        kids = [k for k in kids if k not in skip]
+        out.extend(kids)
+        todo.extend(kids)
     return out
 
 
-def own_helper(pid: int, *, running: bool = True) -> None:
-    """Mark ``pid`` (a child of the supervisor itself) as ftrain's own while it runs, so no
-    attempt's sweep for orphans takes it; ``running=False`` when it has ended. A helper also
-    carries ``HELPER_VAR`` in its environment: found so before its ``Popen`` returns."""
-    if running:
-        _helpers.add(pid)
-    else:
-        _helpers.discard(pid)
+def _children(pid: int) -> list[int] | None:
+    """The children of ``pid`` from ``/proc/<pid>/task/*/children`` ([] for a process that
+    is gone; None where those files cannot be read)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return []
+    except OSError:
+        return None
+    kids: list[int] = []
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids.extend(int(x) for x in f.read().split())
+        except FileNotFoundError:   # a thread that just ended
+            continue
+        except OSError:
+            return None
+    return kids
 
 
 def _marked_helpers() -> set[int]:
-    """The supervisor's own children whose environment says they are ftrain's helpers."""
+    """The supervisor's own children whose environment says they are ftrain's helpers
+    (``HELPER_VAR``: an alert command), so no attempt's sweep for orphans takes them."""
     if not _subreaper:
         return set()
-    me = os.getpid()
-    kids: set[int] = set()
-    try:
-        for tid in os.listdir(f"/proc/{me}/task"):
-            try:
-                with open(f"/proc/{me}/task/{tid}/children") as f:
-                    kids.update(int(k) for k in f.read().split())
-            except FileNotFoundError:   # a thread that just ended
-                continue
-    except (OSError, ValueError):
-        return set()
-    return {pid for pid in kids if HELPER_VAR in (read_environ(pid) or {})}
+    return {pid for pid in _children(os.getpid()) or () if HELPER_VAR in (read_environ(pid) or {})}
 
 
 def _psutil_children(pid: int) -> list[psutil.Process]:
@@ -409,7 +397,7 @@ class Child:
             except psutil.Error:
                 pass
         roots = [self.pid] + ([os.getpid()] if _subreaper else [])  # a subreaper adopts the orphans
-        others = (_leaders - {self.pid}) | _helpers | _marked_helpers()   # a waiting spare, an alert
+        others = (_leaders - {self.pid}) | _marked_helpers()   # a waiting spare, an alert command
         for root in roots:
             for pid in descendants(root, skip=others):
                 if pid != self.pid and pid not in found:
