@@ -169,12 +169,13 @@ class Notifier:
             self._journal(where, problem)
 
     def _run_command(self, body: bytes, event: str) -> str | None:
-        from ftrain.process import HELPER_VAR
+        from ftrain.process import HELPER_SPAWN, HELPER_VAR
 
         env = {**os.environ, "FTRAIN_NOTIFY_EVENT": event, HELPER_VAR: "notify"}
         try:
-            proc = subprocess.Popen(self.spec.command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, env=env, start_new_session=True)
+            with HELPER_SPAWN:   # an attempt's sweep for orphans sees it only once its mark is in place
+                proc = subprocess.Popen(self.spec.command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, env=env, start_new_session=True)
         except OSError as exc:
             return f"{self.spec.command[0]}: {exc.strerror or exc}"
         self._proc = proc

@@ -26,6 +26,7 @@ import signal
 import socket
 import stat
 import subprocess
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -54,6 +55,7 @@ _leaders: set[int] = set()  # every live Child: a subreaper's scan for orphans l
 OutputSink = Callable[[bytes, bool], None]  # (data, is_stderr)
 RUN_DIR_VAR, ATTEMPT_VAR, SPARE_VAR = "FTRAIN_RUN_DIR", "FTRAIN_ATTEMPT", "FTRAIN_SPARE"
 HELPER_VAR = "FTRAIN_HELPER"   # in the environment of ftrain's own commands (alerts): no attempt's
+HELPER_SPAWN = threading.Lock()   # held while a helper is started (Popen returns after its exec)
 _spares = itertools.count(1)
 
 
@@ -397,16 +399,17 @@ class Child:
             except psutil.Error:
                 pass
         roots = [self.pid] + ([os.getpid()] if _subreaper else [])  # a subreaper adopts the orphans
-        others = (_leaders - {self.pid}) | _marked_helpers()   # a waiting spare, an alert command
-        for root in roots:
-            for pid in descendants(root, skip=others):
-                if pid != self.pid and pid not in found:
-                    try:
-                        p = psutil.Process(pid)
-                        if p.status() != psutil.STATUS_ZOMBIE:
-                            found[pid] = p
-                    except psutil.Error:
-                        pass
+        with HELPER_SPAWN:   # no helper between fork and exec (its mark not yet in its environment)
+            others = (_leaders - {self.pid}) | _marked_helpers()   # a waiting spare, an alert command
+            for root in roots:
+                for pid in descendants(root, skip=others):
+                    if pid != self.pid and pid not in found:
+                        try:
+                            p = psutil.Process(pid)
+                            if p.status() != psutil.STATUS_ZOMBIE:
+                                found[pid] = p
+                        except psutil.Error:
+                            pass
         return list(found.values())
 
     def signal(self, sig: int, *, group: bool = True) -> None:
