@@ -129,6 +129,7 @@ def _draw(ax: Any, panel: Panel) -> None:
         ax.axvline(step, color="orange", ls=":", lw=1, gid=f"anomaly-{step}", label="anomaly" if i == 0 else None)
     if panel.log_y:
         ax.set_yscale("log")
+    ax.set_gid(f"axes-{panel.metric}-{ax.get_yscale()}")
     ax.set_ylabel(panel.metric + (" (log)" if panel.log_y else ""))
     ax.legend(fontsize=7, loc="upper right").set_gid(f"legend-{panel.metric}")
 
