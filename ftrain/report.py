@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any
 from ftrain import checkpoints, ckptfmt
 from ftrain.errors import RunDirError
 from ftrain.journal import Event, read_journal
+from ftrain.protocol import format_skip, parse_skip
 
 
 @dataclass
@@ -40,6 +42,8 @@ class AttemptRow:
     steps_lost: int = 0
     kept_seconds: float = 0.0
     warm: bool = False   # ran in a spare interpreter started ahead (ftrain.warm)
+    skip: list[tuple[int, int]] = field(default_factory=list)   # the windows it was told to skip
+    total_steps: int | None = None   # the job's length from its config, when a known key says it
 
     @property
     def duration(self) -> float | None:
@@ -56,6 +60,8 @@ class AttemptRow:
             "last_step": self.last_step, "steps": self.steps, "resume_step": self.resume_step,
             "kind": self.kind, "exit_code": self.exit_code, "decision": self.decision, "reason": self.reason,
             "overrides": self.overrides, "steps_lost": self.steps_lost, "warm": self.warm,
+            "skip_steps": [f"{a}-{b}" for a, b in self.skip],
+            "steps_skipped": count_steps(self.skip, self.total_steps),
         }
 
 
@@ -70,14 +76,49 @@ class RunStory:
     anomalies: list[dict[str, Any]]
     problems: list[str]
 
+    @property
+    def total_steps(self) -> int | None:
+        """The job's length as the last attempt's config says it (None: no known key)."""
+        return self.attempts[-1].total_steps if self.attempts else None
+
+    @property
+    def skip(self) -> list[tuple[int, int]]:
+        """Every window any attempt was told to skip, merged and cut at the job's end."""
+        return merge_windows((w for a in self.attempts for w in a.skip), self.total_steps)
+
     def to_json(self) -> dict[str, Any]:
+        skip = self.skip
         return {"run_dir": str(self.run_dir), "status": self.status, "reason": self.reason, "wall": self.wall,
                 "goodput": self.goodput, "attempts": [a.to_json() for a in self.attempts],
-                "anomalies": self.anomalies, "problems": self.problems}
+                "anomalies": self.anomalies, "problems": self.problems,
+                "skip_steps": [f"{a}-{b}" for a, b in skip], "steps_skipped": count_steps(skip),
+                "total_steps": self.total_steps}
 
 
-def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """All metric records (control lines excluded) and how many lines were unreadable."""
+def merge_windows(windows: Iterable[tuple[int, int]], total: int | None = None) -> list[tuple[int, int]]:
+    """Step windows sorted, overlapping or touching ones joined; with ``total`` (the job's
+    length) cut at its last step, windows past it dropped."""
+    merged: list[list[int]] = []
+    for a, b in sorted(windows):
+        if total is not None:
+            if a >= total:
+                continue
+            b = min(b, total - 1)
+        if merged and a <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return [(a, b) for a, b in merged]
+
+
+def count_steps(windows: Iterable[tuple[int, int]], total: int | None = None) -> int:
+    """How many distinct steps ``windows`` name (within the job's ``total`` when known)."""
+    return sum(b - a + 1 for a, b in merge_windows(windows, total))
+
+
+def read_metrics(path: Path, defaults: dict[int, dict[str, Any]] | None = None) -> tuple[list[dict[str, Any]], int]:
+    """All metric records (control lines excluded) and how many lines were unreadable; with
+    ``defaults``, also each attempt's ``ftrain.config(defaults=...)`` (its ``config`` control line)."""
     records: list[dict[str, Any]] = []
     bad = 0
     try:
@@ -94,6 +135,9 @@ def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
             continue
         if isinstance(rec, dict) and "ftrain" not in rec and isinstance(rec.get("step"), int):
             records.append(rec)
+        elif defaults is not None and isinstance(rec, dict) and rec.get("ftrain") == "config" \
+                and isinstance(rec.get("defaults"), dict) and type(rec.get("attempt")) is int:
+            defaults[rec["attempt"]] = rec["defaults"]
         elif not isinstance(rec, dict):
             bad += 1
     return records, bad
@@ -108,12 +152,15 @@ def run_story(run_dir: Path) -> RunStory:
     status, reason = "running", "no run_end in the journal (still running, or its supervisor died)"
     start_t = next((e["t"] for e in events if e.get("event") == Event.RUN_START.value), None)
     end_t: float | None = None
+    skip_so_far: list[tuple[int, int]] = []   # for journals whose attempt_start lacks skip_steps
     for ev in events:
         name, n = ev.get("event"), ev.get("attempt")
         if name == Event.ATTEMPT_START.value and isinstance(n, int):
             rows[n] = AttemptRow(n, ev["t"], overrides=dict(ev.get("overrides") or {}), warm=bool(ev.get("warm")))
             rr = ev.get("resume_from")
             rows[n].resume_step = ev.get("resume_step", ckptfmt.guess_step(Path(rr).name) if rr else None)
+            told = ev.get("skip_steps")
+            rows[n].skip = _windows(told, problems) if told is not None else list(skip_so_far)
         elif name == Event.ATTEMPT_END.value and n in rows:
             row = rows[n]
             row.end, row.kind, row.exit_code = ev["t"], ev.get("kind"), ev.get("exit_code")
@@ -124,6 +171,7 @@ def run_story(run_dir: Path) -> RunStory:
             rows[n].kind = ev.get("kind")
         elif name == Event.DECISION.value and n in rows:
             rows[n].decision, rows[n].reason = ev.get("action"), ev.get("reason")
+            skip_so_far += _windows(ev.get("skip_steps") or [], problems)
         elif name == Event.ANOMALY.value:
             anomalies.append({k: ev.get(k) for k in ("attempt", "kind", "step", "metric", "value", "reason", "action")})
         elif name == Event.RUN_END.value:
@@ -134,7 +182,10 @@ def run_story(run_dir: Path) -> RunStory:
         raise RunDirError(f"{run_dir}: the journal has no run_start")
     ordered = [rows[k] for k in sorted(rows)]
 
-    records, bad = read_metrics(run_dir / "metrics.jsonl")
+    defaults: dict[int, dict[str, Any]] = {}
+    records, bad = read_metrics(run_dir / "metrics.jsonl", defaults)
+    for row in ordered:
+        row.total_steps = _attempt_total(run_dir, row.attempt, defaults.get(row.attempt, {}))
     if bad:
         problems.append(f"metrics.jsonl: {bad} unreadable line(s) skipped")
     by_attempt: dict[int, list[dict[str, Any]]] = {}
@@ -148,12 +199,13 @@ def run_story(run_dir: Path) -> RunStory:
             row.last_step = recs[-1]["step"] if row.last_step is None else row.last_step
             row.steps = row.steps or len(recs)
 
-    # A step is kept if no later attempt resumed from before it.
+    # A step is kept if no later attempt resumed from before it. Lost steps are counted as
+    # step numbers: a script that logs several lines per step loses each step once.
     limit = math.inf
     for row in reversed(ordered):
         recs = by_attempt.get(row.attempt, [])
         kept = [r for r in recs if r["step"] <= limit]
-        row.steps_lost = len(recs) - len(kept)
+        row.steps_lost = len({r["step"] for r in recs if r["step"] > limit})
         row.kept_seconds = _step_seconds(recs, kept)
         resumed = row.resume_step if row.resume_step is not None else -1
         limit = min(limit, resumed)
@@ -161,6 +213,29 @@ def run_story(run_dir: Path) -> RunStory:
     kept_total = sum(r.kept_seconds for r in ordered)
     goodput = kept_total / wall if wall > 0 and records else None
     return RunStory(run_dir, ordered, status, reason, wall, goodput, anomalies, problems)
+
+
+def _windows(told: Any, problems: list[str]) -> list[tuple[int, int]]:
+    """The ``a-b`` strings of a journal's ``skip_steps`` as windows; a bad one is a problem line."""
+    try:
+        return list(parse_skip(",".join(told), what="skip_steps"))
+    except (TypeError, ValueError) as exc:
+        problems.append(f"journal.jsonl: {exc}"[:300])
+        return []
+
+
+def _attempt_total(run_dir: Path, attempt: int, defaults: dict[str, Any]) -> int | None:
+    """The job's length from the config attempt ``attempt`` ran with: its attempts/NNNN/config.yaml
+    over the script's ``ftrain.config(defaults=...)``, as the shim merges them."""
+    from ftrain.errors import FtrainError
+    from ftrain.overrides import load_config, merged
+    from ftrain.view import total_steps
+
+    try:
+        config = load_config(run_dir / "attempts" / f"{attempt:04d}" / "config.yaml")
+    except FtrainError:
+        config = {}
+    return total_steps(merged(defaults, config))
 
 
 def _step_seconds(recs: Sequence[dict[str, Any]], kept: Sequence[dict[str, Any]]) -> float:
@@ -186,6 +261,17 @@ def _fmt_s(s: float | None) -> str:
     return f"{s:.1f}s" if s < 120 else f"{s / 60:.1f}m"
 
 
+def _windows_text(windows: Sequence[tuple[int, int]], total: int | None) -> str:
+    """``130-329 (200 steps; 170 before the job's end at step 299)``."""
+    if not windows:
+        return "none (no window left)"
+    named, within = count_steps(windows), count_steps(windows, total)
+    text = f"{format_skip(windows)} ({named} steps"
+    if total is not None and within != named:
+        text += f"; {within} before the job's end at step {total - 1}"
+    return text + ")"
+
+
 def _fmt_v(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
@@ -196,12 +282,13 @@ def inspect_path(path: Path, *, as_json: bool, plot: Path | None) -> int:
         raise RunDirError(f"{path}: no such file or folder")
     if (path / "journal.jsonl").exists():
         story = run_story(path)
-        if plot is not None:
-            plot_run(path, plot)
+        wrote = plot_run(path, plot) if plot is not None else None
         if as_json:
             print(json.dumps(story.to_json(), indent=2, default=str))
         else:
             print_story(story)
+        if wrote is not None:   # on stderr under --json, which keeps stdout one JSON document
+            print(f"plot written to {wrote}", file=sys.stderr if as_json else sys.stdout)
         return 0
     if plot is not None:
         raise RunDirError(f"{path}: --plot needs a run folder (one with journal.jsonl)")
@@ -293,12 +380,16 @@ def print_story(story: RunStory) -> None:
         console.print(f"  warm start (interpreter and imports ready ahead): attempt{'s' if len(warm) > 1 else ''} "
                       + ", ".join(warm))
     previous: dict[str, Any] = {}
+    told: list[tuple[int, int]] = []
     for a in story.attempts:
         changed = {k: v for k, v in a.overrides.items() if previous.get(k) != v}
         if changed:
             console.print(f"  attempt {a.attempt} ran with "
                           + ", ".join(f"{k}={_fmt_v(v)}" for k, v in changed.items()))
         previous = a.overrides
+        if a.skip != told:
+            console.print(f"  attempt {a.attempt} told to skip steps {_windows_text(a.skip, a.total_steps)}")
+            told = a.skip
         if a.reason:
             console.print(f"  attempt {a.attempt}: {a.reason}")
     for an in story.anomalies:
@@ -309,6 +400,11 @@ def print_story(story: RunStory) -> None:
     console.print(f"status: [{color}]{story.status}[/] — {story.reason}")
     console.print(f"wall time {_fmt_s(story.wall)}, goodput {goodput}"
                   " (share of wall time spent on steps that were kept)")
+    if story.skip:
+        total = story.total_steps
+        share = f", {count_steps(story.skip) / total:.0%} of the job's {total}" if total else ""
+        console.print(f"[yellow]skipped by rollbacks:[/] {count_steps(story.skip)} steps "
+                      f"({format_skip(story.skip)}){share}")
     for problem in story.problems:
         console.print(f"[yellow]note:[/] {problem}")
 
@@ -380,46 +476,9 @@ def _size(size: int | None) -> str:
     return str(n)
 
 
-def plot_run(run_dir: Path, out: Path, metrics: Iterable[str] | None = None) -> None:
-    """Watched metrics against step, one colour per attempt, restarts and anomalies marked."""
-    try:
-        import matplotlib
+def plot_run(run_dir: Path, out: Path, metrics: Iterable[str] | None = None) -> Path:
+    """Watched metrics against step, one colour per attempt, skipped steps, rollback targets,
+    failures and anomalies marked (``ftrain.plot``); returns the path written."""
+    from ftrain.plot import plot_run as draw
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise RunDirError("--plot needs matplotlib: pip install 'ftrain[plot]'") from None
-    records, _ = read_metrics(run_dir / "metrics.jsonl")
-    story = run_story(run_dir)
-    names = list(metrics or [])
-    if not names:
-        seen: list[str] = []
-        for rec in records:
-            for k, v in rec.items():
-                if k not in ("step", "t", "attempt") and isinstance(v, (int, float)) and k not in seen:
-                    seen.append(k)
-        names = seen[:3]
-    if not names:
-        raise RunDirError(f"{run_dir}: no numeric metrics to plot")
-    fig, axes = plt.subplots(len(names), 1, figsize=(10, 2.8 * len(names)), sharex=True, squeeze=False)
-    for ax, name in zip(axes[:, 0], names):
-        for row in story.attempts:
-            pts = [(r["step"], r[name]) for r in records if r.get("attempt") == row.attempt
-                   and isinstance(r.get(name), (int, float))]
-            if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, [y if math.isfinite(y) else float("nan") for y in ys], lw=1, label=f"attempt {row.attempt}")
-            if row.kind and row.last_step is not None:
-                ax.axvline(row.last_step, color="red", ls="--", lw=0.8)
-                ax.annotate(row.kind, (row.last_step, 1), xycoords=("data", "axes fraction"), fontsize=7,
-                            rotation=90, va="top", ha="right", color="red")
-        for an in story.anomalies:
-            if an.get("step") is not None:
-                ax.axvline(an["step"], color="orange", ls=":", lw=1)
-        ax.set_ylabel(name)
-        ax.legend(fontsize=7, loc="upper right")
-    axes[-1, 0].set_xlabel("step")
-    fig.suptitle(f"{run_dir.name}: {story.status}")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    return draw(run_dir, out, metrics)
