@@ -55,15 +55,13 @@ RESUME_FIELDS = frozenset({"checkpoint", "checkpoint_dir"})
 CONFIG_FILE_SUFFIXES = (".yaml", ".yml", ".json")
 _FIELD_RE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 _READ_BACK = 1 << 20   # bytes per backward read of metrics.jsonl
-# A checkpoint without a step in its name is placed at the step of the last line logged
-# before the file was written. File times come from the kernel's coarse clock, up to a tick
-# (1-10 ms) behind the write; and a progress line read from the script's output
-# (``metrics_regex``) is stamped when it is read, up to DESIGN §9's 100 ms (p99) after the
-# script wrote it (the shim stamps its lines when written). A line stamped that much after a
-# file's mtime may still predate the file. Erring late is the safe side: a checkpoint taken
-# for newer than it is can only send a rollback further back, never closer to the NaN.
-MTIME_SLACK = 0.01
-READ_SLACK = 0.1
+# A checkpoint without a step in its name is placed at the step of the last line stamped at
+# or before the file's mtime: never later than the step it was written at. The kernel's file
+# times run up to a clock tick (1-10 ms) behind the write, and a progress line read from the
+# script's output (``metrics_regex``) is stamped when it is read, up to DESIGN §9's 100 ms
+# (p99) after the script wrote it, so a line stamped at or before the mtime was written before
+# the file; the lines of those last milliseconds may be missed (the step placed a little
+# early), never a line written after it.
 
 
 @dataclass(frozen=True)
@@ -332,10 +330,11 @@ class ScriptAdapter:
 
     def checkpoints(self, cwd: Path | None = None, set_aside: Sequence[tuple[int, float]] = ()) -> list[Checkpoint]:
         """The script's checkpoints of this run that the globs match, ``unverified``, each
-        with a step: the one in its name (``ckptfmt.guess_step``), else the step logged
-        last before the file was written. Files with neither are left out, and so are those
-        a rollback set aside (``set_aside``: ``(after step, when)`` of each rollback,
-        ``RunState.set_aside``) that the script has not written since."""
+        with a step: the one in its name (``ckptfmt.guess_step``), else the step of the last
+        line stamped at or before the file's mtime (never a step logged after it was written).
+        Files with neither are left out, and so are those a rollback set aside (``set_aside``:
+        ``(after step, when)`` of each rollback, ``RunState.set_aside``) that the script has
+        not written since."""
         root = Path(cwd) if cwd is not None else (self.cwd or Path.cwd())
         since = self.started
         found: dict[str, tuple[Path, float, int | None]] = {}
@@ -350,8 +349,7 @@ class ScriptAdapter:
                     continue   # a leftover of an earlier run in the same folder
                 found[str(path)] = (path, mtime, ckptfmt.guess_step(path.name))
         unnamed = sorted({mtime for _, mtime, step in found.values() if step is None}, reverse=True)
-        slack = MTIME_SLACK + (READ_SLACK if self.reads_output else 0.0)
-        placed = _steps_at(self.run_dir / "metrics.jsonl", unnamed, slack) if unnamed and self.run_dir else {}
+        placed = _steps_at(self.run_dir / "metrics.jsonl", unnamed) if unnamed and self.run_dir else {}
         result: list[Checkpoint] = []
         for path, mtime, step in sorted(found.values(), key=lambda f: f[1]):
             note = f"matched {', '.join(self.patterns)}; step from the file name"
@@ -514,9 +512,9 @@ def _record(match: re.Match[str]) -> dict[str, Any] | None:
     return record
 
 
-def _steps_at(metrics_path: Path, times: Sequence[float], slack: float) -> dict[float, int]:
+def _steps_at(metrics_path: Path, times: Sequence[float]) -> dict[float, int]:
     """For each time in ``times`` (newest first), the step of the last metrics record
-    stamped at or before it (give or take ``slack``): what a checkpoint written then holds.
+    stamped at or before it: the latest step a checkpoint written then can hold.
     Reads ``metrics.jsonl`` backwards from its end, so recent times cost little."""
     out: dict[float, int] = {}
     pending = list(times)
@@ -534,7 +532,7 @@ def _steps_at(metrics_path: Path, times: Sequence[float], slack: float) -> dict[
             carry = lines.pop(0) if start > 0 else b""
             for raw in reversed(lines):
                 step, t = _step_and_time(raw)
-                while step is not None and pending and t <= pending[0] + slack:
+                while step is not None and pending and t <= pending[0]:
                     out[pending.pop(0)] = step
                 if not pending:
                     break

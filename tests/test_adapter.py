@@ -249,19 +249,20 @@ def test_checkpoints_by_name_or_by_the_step_logged_before_them(tmp_path):
     assert "logged before" in found[1].note
 
 
-def test_a_line_read_late_still_counts_as_logged_before_the_checkpoint(tmp_path):
-    """Progress lines read from the output are stamped when read, up to 100 ms (DESIGN's p99)
-    after they were written: lines stamped up to then after the file are taken as its step, the safe side
-    (a checkpoint taken for older than it is could let a rollback land too close to a NaN)."""
+def test_a_checkpoint_is_never_placed_after_the_step_it_was_written_at(tmp_path):
+    """The last line stamped at or before the file's mtime gives its step, whether the lines
+    were stamped when written (the shim) or when read (``metrics_regex``, up to 100 ms late):
+    lines stamped after the file are never taken, however close."""
     now = time.time()
     run = tmp_path / "run"
     _run_folder(run, now - 100, [(s, now - 10 + s * 0.03) for s in range(40)])   # a line per 30 ms
     _touch(tmp_path / "out" / "ckpt.pt", now - 10 + 20 * 0.03 + 0.001)          # just after step 20's line
     read = adapter({"checkpoints": "out/ckpt.pt", "metrics_regex": r"^iter (?P<step>\d+)"}, run_dir=run)
-    assert [(c.path.name, c.step) for c in read.checkpoints(tmp_path)] == [("ckpt.pt", 23)]   # 21-23: within 100 ms
-    # lines the shim wrote carry the time they were written: only the clock tick is allowed for
+    assert [(c.path.name, c.step) for c in read.checkpoints(tmp_path)] == [("ckpt.pt", 20)]
     written = adapter({"checkpoints": "out/ckpt.pt"}, run_dir=run)
     assert [(c.path.name, c.step) for c in written.checkpoints(tmp_path)] == [("ckpt.pt", 20)]
+    _touch(tmp_path / "out" / "ckpt.pt", now - 10 + 20 * 0.03 - 0.001)          # just before it
+    assert [c.step for c in written.checkpoints(tmp_path)] == [19]
 
 
 def test_checkpoints_without_a_run_folder_use_names_only(tmp_path):
@@ -416,3 +417,28 @@ def test_on_missing_checkpoint_fresh_starts_over(tmp_path):
     decision = of(evts, "decision")[0]
     assert decision["action"] == "restart" and decision["resume_from"] is None
     assert "--resume" not in of(evts, "attempt_start")[1]["command"]
+
+
+def test_a_script_checkpoint_is_placed_at_the_step_it_holds_not_at_the_lines_after_it(tmp_path):
+    """A real script writes out/ckpt.json after its step-20 line, then logs a line every 2 ms
+    and fails at 30: the lines after the file (read within 100 ms of it) do not move it
+    later; the restart resumes from the step the file holds."""
+    (tmp_path / "p.yaml").write_text("""version: 1
+backoff: 0s
+warm_start: false
+rules:
+  - when: exit_nonzero
+    action: restart
+script:
+  resume_args: "--resume {checkpoint}"
+  checkpoints: out/ckpt.json
+  metrics_regex: '^iter (?P<step>\\d+): loss (?P<loss>\\S+)'
+""")
+    p = run_ftrain("run", str(CHILDREN / "own_ckpt.py"), "--policy", "p.yaml", "--run-dir", "run", "--no-ui",
+                   "--", "20", "30", cwd=tmp_path, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    decision, = of(events(tmp_path / "run"), "decision")
+    held = json.loads((tmp_path / "out" / "ckpt.json").read_text())["step"]
+    assert held == 20 and decision["resume_from"] == str(tmp_path / "out" / "ckpt.json")
+    assert 17 <= decision["resume_step"] <= held, decision      # never past the step it holds
+    assert "resumed after step 20" in (tmp_path / "run" / "attempts" / "0002" / "output.log").read_text()
