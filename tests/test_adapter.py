@@ -17,7 +17,7 @@ import pytest
 import yaml
 from conftest import CHILDREN, ROOT, events, of, run_ftrain
 
-from ftrain.adapter import MissingCheckpoint, ScriptAdapter, render_value
+from ftrain.adapter import MissingCheckpoint, ScriptAdapter, TrainerLines, render_value
 from ftrain.checkpoints import CheckpointStatus
 from ftrain.errors import PolicyError
 from ftrain.kinds import Failure, FailureKind
@@ -85,6 +85,7 @@ script:
     ({"checkpoints": []}, "must be a glob pattern or a list of them"),
     ({"metrics_regex": "(?P<step>\\d+) (?P<t>\\S+)"}, "group name(s) t are reserved"),
     ({"config_file": ""}, "must be a file path"),
+    ({"metrics_dicts": "yes"}, "must be true or false"),
 ])
 def test_single_problems(section, message):
     errors = problems(section, {"a": {"lr": 1}, "b": {"lr": 2}})
@@ -98,7 +99,8 @@ def test_without_a_config_only_the_section_itself_is_checked():
     with pytest.raises(PolicyError) as info:
         ScriptAdapter.from_policy(section, source="p.yaml", config=None)
     assert info.value.errors == ["p.yaml:1: script.bogus: unknown key 'bogus' (expected one of: args, "
-                                 "config_file, env, resume_args, checkpoints, on_missing_checkpoint, metrics_regex)"]
+                                 "config_file, env, resume_args, checkpoints, on_missing_checkpoint, metrics_regex, "
+                                 "metrics_dicts)"]
 
 
 def test_a_valid_section_and_its_properties():
@@ -442,3 +444,59 @@ script:
     assert held == 20 and decision["resume_from"] == str(tmp_path / "out" / "ckpt.json")
     assert 17 <= decision["resume_step"] <= held, decision      # never past the step it holds
     assert "resumed after step 20" in (tmp_path / "run" / "attempts" / "0002" / "output.log").read_text()
+
+
+TRAIN_BAR = "{:3d}%|█▌        | {}/{} [00:01<00:19,  9.87it/s]"
+
+
+def test_trainer_dicts_read_safely_at_the_training_bars_count():
+    """Dicts as Hugging Face's Trainer prints them: nan/inf read as such, strings and
+    booleans left out; the step is the training bar's latest count (an evaluation bar of
+    another total, or a dataset's bar with a description, is not followed); code, nesting
+    and overlong lines are never records."""
+    lines = TrainerLines()
+    assert lines.parse("Map: 100%|██████████| 300/300 [00:00<00:00, 9e3 examples/s]") is None
+    assert lines.parse(TRAIN_BAR.format(5, 10, 200)) == {"step": 10}        # a heartbeat
+    assert lines.parse(TRAIN_BAR.format(5, 10, 200)) is None                # redrawn, not moved
+    record = lines.parse("{'loss': 2.3, 'grad_norm': 1.2, 'learning_rate': 5e-05, 'epoch': 0.5}")
+    assert record == {"step": 10, "loss": 2.3, "grad_norm": 1.2, "learning_rate": 5e-05, "epoch": 0.5}
+    lines.parse(TRAIN_BAR.format(6, 12, 200))
+    assert lines.parse(TRAIN_BAR.format(50, 4, 8)) is None                  # the eval bar
+    drawn = TRAIN_BAR.format(6, 12, 200) + "{'loss': nan, 'grad_norm': inf, 'x': -inf, 'm': 'adamw', 'ok': True}"
+    record = lines.parse(drawn)
+    assert record is not None and record["step"] == 12 and set(record) == {"step", "loss", "grad_norm", "x"}
+    assert math.isnan(record["loss"]) and record["grad_norm"] == math.inf and record["x"] == -math.inf
+    for bad in ("{'loss': __import__('os').system('true')}", "{'loss': [1, 2]}", "{'loss': (1)}",
+                "{'loss': open}", "{'loss': 1, " + "'a': 1, " * 600 + "}", "{'t': 1.0}", "{'loss': 'x'}",
+                "{'loss': 1.0} trailing words", "not {'loss': 1.0"):
+        assert lines.parse(bad) is None, bad
+    bare = TrainerLines()   # no bar drawn: the dict's number in the attempt
+    assert [bare.parse("{'loss': 1.0}")["step"], bare.parse("{'eval_loss': 2.0}")["step"]] == [1, 2]
+
+
+def test_a_trainer_scripts_nan_loss_is_seen_at_its_step(tmp_path):
+    """A real child prints what Hugging Face's Trainer prints (tqdm bar on stderr, the log
+    dict through ``bar.write(str(logs))`` every 5 steps) and logs loss nan at step 25: the
+    script's dicts are metrics at the bar's step, the NaN is the anomaly at step 25, and
+    the attempt is stopped at once, not when the bar closes at 40."""
+    (tmp_path / "p.yaml").write_text("""version: 1
+backoff: 0s
+warm_start: false
+rules:
+  - when: nonfinite
+    action: stop
+script:
+  metrics_dicts: true
+""")
+    p = run_ftrain("run", str(CHILDREN / "hf_log.py"), "--policy", "p.yaml", "--run-dir", "run", "--no-ui",
+                   "--", "40", "5", "25", cwd=tmp_path, timeout=60)
+    assert p.returncode == 1, p.stdout + p.stderr
+    evts = events(tmp_path / "run")
+    failure, = of(evts, "failure")
+    assert failure["kind"] == "nonfinite" and failure["step"] == 25, failure
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    assert logged[:4] == [(5, 0.6), (10, 0.3), (15, 0.2), (20, 0.15)] and logged[4][0] == 25, logged
+    assert math.isnan(logged[4][1]) and len(logged) == 5
+    assert max(r["step"] for r in records) <= 27          # stopped within 0.25 s of the NaN
+    assert [r["step"] for r in records if "loss" not in r][:6] == [0, 1, 2, 3, 4, 5]   # the bar: a heartbeat
