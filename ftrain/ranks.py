@@ -26,7 +26,8 @@ from typing import Any
 
 import psutil
 
-from ftrain.detect import STEP_TIMES, Anomaly, Stragglers, StragglerSpec
+from ftrain.detect import Anomaly, Stragglers, StragglerSpec
+from ftrain.detect.spec import STEP_TIMES
 from ftrain.kinds import Failure, FailureKind
 from ftrain.outcome import RankReport
 from ftrain.policy import Decision

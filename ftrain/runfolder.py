@@ -1,5 +1,6 @@
 """The run folder's own files, as the supervisor holds them: the lock, the attempt folders,
-a new folder's name, whether a folder may take a new run, and what a failed write is.
+a new folder's name, whether a folder may take a new run, ``run.json``, and what a failed
+write is.
 
 Split from ``supervisor`` (the attempt loop); ``runs`` and the loop use these.
 """
@@ -9,14 +10,24 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import platform
 import stat
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from ftrain import __version__
 from ftrain.errors import RunDirError
+from ftrain.files import write_json_atomic
+from ftrain.inject import Fault, format_inject
 from ftrain.journal import Event, read_journal
 
-__all__ = ["MEDIUM_ERRORS", "RunLock", "WriteFailed", "check_fresh_run_dir", "new_run_dir", "own_folder"]
+if TYPE_CHECKING:
+    from ftrain.launch import LaunchSpec
+
+__all__ = ["MEDIUM_ERRORS", "RunLock", "WriteFailed", "check_fresh_run_dir", "new_run_dir", "own_folder",
+           "write_run_json"]
 
 
 class WriteFailed(Exception):
@@ -103,3 +114,25 @@ def check_fresh_run_dir(run_dir: Path) -> None:
     if any(e.get("event") == Event.RUN_END.value for e in events):
         raise RunDirError(f"{run_dir}: already holds a finished run; choose a new --run-dir")
     raise RunDirError(f"{run_dir}: already holds a run; continue it with `ftrain resume {run_dir}`")
+
+
+def write_run_json(run_dir: Path, launch: LaunchSpec, *, policy: str | None, distributed: Mapping[str, Any] | None,
+                   inject: Sequence[Fault]) -> None:
+    """``run.json`` (DESIGN §4): what was launched, from where, with which policy and config,
+    durably, before the first attempt. A resume checks it against the journal's ``run_start``."""
+    write_json_atomic(run_dir / "run.json", {
+        "script": launch.script,
+        "args": list(launch.script_args),
+        "command": list(launch.command),
+        "cwd": str(Path(launch.cwd).resolve()),
+        "policy": policy,
+        "config_path": launch.config_path,
+        "sets": dict(launch.sets),
+        "tensorboard": launch.tensorboard,
+        "distributed": distributed,
+        "base_config": dict(launch.base_config),
+        "inject": format_inject(inject) or None,
+        "created": time.time(),
+        "versions": {"ftrain": __version__, "python": platform.python_version(),
+                     "platform": platform.platform()},
+    }, durable=True)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import enum
 import math
 import os
-import platform
 import signal
 import socket
 import sys
@@ -32,10 +31,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from ftrain import __version__, checkpoints, overrides, slurm
+from ftrain import __version__, checkpoints, overrides, runfolder, slurm, upkeep
 from ftrain.detect import Anomaly, Detectors
 from ftrain.errors import FtrainError, RunDirError
-from ftrain.files import write_json_atomic
 from ftrain.inject import Fault, format_inject
 from ftrain.intake import AttemptWatch, Intake, Talk, saved_during
 from ftrain.journal import JOURNAL_VERSION, Event, Journal, RunStatus
@@ -45,7 +43,7 @@ from ftrain.memtier import MemoryTier, promote_newest, snapshot_limit
 from ftrain.outcome import AttemptOutcome
 from ftrain.policy import Action, Decision, Policy
 from ftrain.process import Child, Exit, leave_terminal, left_by_the_dead, stop_leftovers
-from ftrain.protocol import Control, format_skip
+from ftrain.protocol import Control
 from ftrain.runfolder import MEDIUM_ERRORS, RunLock, WriteFailed, check_fresh_run_dir, new_run_dir, own_folder
 from ftrain.script import SHIM, Script
 from ftrain.state import RunState, remove_fault
@@ -118,7 +116,9 @@ class Supervisor:
         self.metrics_path = job / "metrics.jsonl"
         self.detectors = Detectors(self.policy.detect)
         self.intake = Intake(self.detectors, self.listeners, stops=self._stops_for,
-                             record=self._record_anomaly, saved=self._retain)
+                             record=self._record_anomaly,
+                             saved=lambda watch: upkeep.retain(self.checkpoint_dir, self.policy, self.state,
+                                                               watch.max_step))
         self._talk: Talk | None = None
         self._child: Child | None = None
         self._signal: int | None = None
@@ -153,7 +153,8 @@ class Supervisor:
             self.topology.open()
             self.memory.open()
             if not resuming:
-                self._write_run_json()
+                runfolder.write_run_json(self.run_dir, self.launch, policy=self.policy.source,
+                                         distributed=self.topology.to_json(), inject=self.state.inject)
                 self._event(Event.RUN_START, journal_version=JOURNAL_VERSION, ftrain=__version__,
                             script=self.launch.script, command=list(self.launch.command),
                             policy=self.policy.source, config=self.launch.config_path,
@@ -301,24 +302,6 @@ class Supervisor:
         self._last_event = message
         self.report.event(message, level=level)
 
-    def _write_run_json(self) -> None:
-        write_json_atomic(self.run_dir / "run.json", {
-            "script": self.launch.script,
-            "args": list(self.launch.script_args),
-            "command": list(self.launch.command),
-            "cwd": str(Path(self.launch.cwd).resolve()),
-            "policy": self.policy.source,
-            "config_path": self.launch.config_path,
-            "sets": dict(self.launch.sets),
-            "tensorboard": self.launch.tensorboard,
-            "distributed": self.topology.to_json(),
-            "base_config": dict(self.launch.base_config),
-            "inject": format_inject(self.state.inject) or None,
-            "created": time.time(),
-            "versions": {"ftrain": __version__, "python": platform.python_version(),
-                         "platform": platform.platform()},
-        }, durable=True)
-
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> int:
         while True:
@@ -359,12 +342,15 @@ class Supervisor:
                 if self._signal is None:
                     return self._end_run(RunStatus.SUCCEEDED,
                                          f"the script finished (attempt {n}, last step {watch.last_step})"
-                                         + self._skipped_text(), ExitCode.SUCCEEDED)
+                                         + upkeep.skipped_text(self.state.skip, self._total),
+                                         ExitCode.SUCCEEDED)
                 return self._interrupted("the script was asked to stop")
 
             decision = verdict.decision
             if decision is None:
-                decision = self._bad_checkpoint(failure, watch, outcome.tail)
+                decision = upkeep.fall_back(
+                    failure, self.state, self.policy, self.checkpoint_dir, first_step=watch.first_step,
+                    tail=outcome.tail, candidates=lambda: self.script.usable(self.checkpoint_dir, self.state.set_aside))
             if decision is None:
                 usable = self.script.usable(self.checkpoint_dir, self.state.set_aside)
                 decision = self.policy.decide(failure, self.state.history(), usable, self.script.checkpoint_source())
@@ -389,28 +375,6 @@ class Supervisor:
                 self._say(f"waiting {decision.backoff:g}s before attempt {n + 1}")
                 if not self._sleep(decision.backoff):
                     return self._interrupted("interrupted during backoff")
-
-    def _bad_checkpoint(self, failure: Failure, watch: AttemptWatch, tail: Sequence[str]) -> Decision | None:
-        """An attempt that died loading the checkpoint it resumed from, before its first
-        step: that checkpoint is bad, whatever its manifest says. Set it aside in
-        ``quarantine/`` and restart from the one before (the script did not fail; its
-        file did), within ``max_restarts``. None for any other failure."""
-        bad = self.state.resume_from
-        if bad is None or watch.first_step is not None or self.state.restarts >= self.policy.max_restarts \
-                or Path(bad).parent.resolve() != self.checkpoint_dir.resolve():
-            return None
-        evidence = checkpoints.load_failure(tail)
-        if evidence is None:
-            return None
-        checkpoints.set_aside(bad)
-        before = [c for c in self.script.usable(self.checkpoint_dir, self.state.set_aside)
-                  if self.state.resume_step is None or (c.step is not None and c.step < self.state.resume_step)]
-        prev = before[-1] if before else None
-        where = f"from step {prev.step}" if prev is not None else "from scratch"
-        return Decision(Action.RESTART, resume_from=str(prev.path) if prev is not None else None,
-                        resume_step=prev.step if prev is not None else None,
-                        reason=f"{failure.kind.value}: {Path(bad).name} failed to load ({evidence}): set aside "
-                               f"in quarantine/ as bad; restart {where}")
 
     def _interrupted(self, what: str) -> int:
         code = ExitCode.INTERRUPTED if self._signal == signal.SIGINT else ExitCode.TERMINATED
@@ -450,23 +414,6 @@ class Supervisor:
             **({"unknown_overrides": watch.unknown_overrides} if watch.unknown_overrides else {}),
         )
 
-    def _skipped_text(self) -> str:
-        """The steps the run's rollbacks skipped, in words (a success that skipped much says so)."""
-        windows = sorted(self.state.skip)
-        merged: list[list[int]] = []
-        for a, b in windows:
-            if merged and a <= merged[-1][1] + 1:
-                merged[-1][1] = max(merged[-1][1], b)
-            else:
-                merged.append([a, b])
-        if self._total is not None:
-            merged = [[a, min(b, self._total - 1)] for a, b in merged if a < self._total]
-        count = sum(b - a + 1 for a, b in merged)
-        if not count:
-            return ""
-        share = f", {count / self._total:.0%} of the job" if self._total else ""
-        return f"; {count} steps skipped by rollbacks ({format_skip([(a, b) for a, b in merged])}{share})"
-
     def _end_run(self, status: RunStatus, reason: str, code: int) -> int:
         if self._undetected:
             self._say(f"injected fault(s) {', '.join(self._undetected)} fired but no detector saw them: "
@@ -494,7 +441,8 @@ class Supervisor:
             raise WriteFailed(f"{exc.filename or config_path}: cannot write: {exc.strerror or exc}") from exc
         self._clean_leftovers()
         self._total = total_steps(self.state.config)
-        env = self._child_env(n, config_path)
+        env = upkeep.child_env(n, run_dir=self.run_dir, config_path=config_path, metrics_path=self.metrics_path,
+                               checkpoint_dir=self.checkpoint_dir, state=self.state, extra=self.memory.env())
         command = self.topology.wrap(self.launch.command, n, attempt_dir)
         command = self.script.command(command, self.state.config, self.state.resume_from)
         env.update(self.script.env(self.state.config, attempt_dir))
@@ -647,43 +595,3 @@ class Supervisor:
         if ignored and self.policy.rule_for(anomaly.kind) is None:
             note = f" (reported only: no rule names {anomaly.kind.value})"
         self._say(f"anomaly: {anomaly.reason}{note}", "warn")
-
-    def _retain(self, watch: AttemptWatch) -> None:
-        """Apply the policy's checkpoint retention, never deleting what a rollback could need:
-        for each rollback margin, the newest checkpoint that far behind the newest step, and
-        the checkpoints earlier rollbacks resumed from."""
-        keep = self.policy.checkpoints
-        if keep.keep_last is None and keep.keep_every is None:
-            return
-        newest = watch.max_step if watch.max_step is not None else 0
-        protect = {step for _, step in self.state.rollbacks if step is not None}
-        if self.state.resume_step is not None:
-            protect.add(self.state.resume_step)
-        found = [c for c in checkpoints.scan(self.checkpoint_dir, verify=False)
-                 if c.status.usable and c.step is not None]
-        for margin in {r.margin for r in self.policy.rules if r.action is Action.ROLLBACK}:
-            behind = checkpoints.newest_usable(found, max_step=newest - margin)
-            if behind is not None and behind.step is not None:
-                protect.add(behind.step)
-        best = (keep.keep_best_metric, keep.keep_best_mode) if keep.keep_best_metric else None
-        checkpoints.retain(self.checkpoint_dir, keep_last=keep.keep_last, keep_every=keep.keep_every,
-                           best=best, protect=protect)
-
-    def _child_env(self, n: int, config_path: Path) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FTRAIN_")}
-        env.update({
-            "FTRAIN_RUN_DIR": str(self.run_dir.resolve()),
-            "FTRAIN_ATTEMPT": str(n),
-            "FTRAIN_CONFIG_PATH": str(config_path.resolve()),
-            "FTRAIN_METRICS_PATH": str(self.metrics_path.resolve()),
-            "FTRAIN_CHECKPOINT_DIR": str(self.checkpoint_dir.resolve()),
-        })
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        if self.state.resume_from:
-            env["FTRAIN_RESUME_FROM"] = str(Path(self.state.resume_from).resolve())
-        if self.state.skip:
-            env["FTRAIN_SKIP_STEPS"] = format_skip(self.state.skip)
-        if self.state.inject:
-            env["FTRAIN_INJECT"] = format_inject(self.state.inject)
-        env.update(self.memory.env())
-        return env
