@@ -19,7 +19,7 @@ from pathlib import Path
 from stat import S_ISREG
 from typing import Any
 
-from ftrain import ckptfmt
+from ftrain import ckptfmt, sharded
 from ftrain.files import read_bounded
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
@@ -32,8 +32,9 @@ class CheckpointStatus(str, enum.Enum):
     ``ok``           the manifest's sha256 and size match the data file.
     ``corrupt``      they do not (flipped bytes, a truncated file), the manifest cannot be
                      read, or the data file cannot be read: never resumed from.
-    ``partial``      leftovers of an interrupted save: a ``.tmp-`` file, or a manifest
-                     whose data file is missing. Never resumed from.
+    ``partial``      leftovers of an interrupted save: a ``.tmp-`` file, a manifest
+                     whose data file is missing, or a sharded save's folder
+                     (``step-NNNNNNNN/``) without its manifest. Never resumed from.
     ``unverified``   a checkpoint-like file (``.pt``, ``.pth``, ``.ckpt``, ``.bin``,
                      ``.safetensors``) or folder with no manifest: usable, on trust.
     ``quarantined``  set aside in ``quarantine/`` by a rollback; kept, never resumed from.
@@ -144,11 +145,13 @@ _LOAD_FRAMES = re.compile(r'File "[^"]*(?:ftrain/shim/__init__\.py", line \d+, i
 
 def load_failure(tail: Sequence[str]) -> str | None:
     """The last line of the traceback of a failed checkpoint load in an attempt's output
-    ``tail``, or None when the output shows no load that failed."""
+    ``tail``, or None when the output shows no load that failed (or a call that lacked the
+    ``state=`` a sharded checkpoint needs: the script's mistake, not the checkpoint's)."""
     for i, line in enumerate(tail):
         if _LOAD_FRAMES.search(line):
             rest = [x.strip() for x in tail[i + 1:] if x.strip() and not x.startswith((" ", "\t"))]
-            return (rest[-1] if rest else line.strip())[:200]
+            last = (rest[-1] if rest else line.strip())[:200]
+            return None if last.startswith("TypeError: ftrain.load_checkpoint: ") else last
     return None
 
 
@@ -156,7 +159,7 @@ def set_aside(path: str | os.PathLike[str]) -> list[Path]:
     """Move one checkpoint (its data file and manifest) into ``quarantine/`` beside it: it
     failed to load, so no restart may choose it again. Returns the new paths."""
     data = Path(path)
-    manifest_name = ckptfmt.manifest_for(data.name)
+    manifest_name = ckptfmt.manifest_for(data.name) or _folder_manifest(data.name)
     sources = [p for p in (data, data.parent / manifest_name if manifest_name else None)
                if p is not None and os.path.lexists(p)]
     if not sources:
@@ -208,9 +211,14 @@ def remove_leftovers(directory: str | os.PathLike[str], *, before: float) -> lis
     live save loses its file. Returns what went."""
     root = Path(directory)
     removed: list[Path] = []
-    for name, entry in _list(root).items():
+    entries = _list(root)
+    for name, entry in entries.items():
         match = ckptfmt.TEMP_RE.match(name)
         if match is None:
+            manifest = _folder_manifest(name)
+            if manifest is not None and manifest not in entries and _older(entry, before) \
+                    and sharded.remove(entry.path):
+                removed.append(Path(entry.path))   # a sharded save's folder, never given its manifest
             continue
         try:
             st = entry.stat(follow_symlinks=False)
@@ -224,6 +232,13 @@ def remove_leftovers(directory: str | os.PathLike[str], *, before: float) -> lis
         except OSError:
             pass
     return removed
+
+
+def _older(entry: os.DirEntry[str], before: float) -> bool:
+    try:
+        return entry.stat(follow_symlinks=False).st_mtime < before
+    except OSError:
+        return False
 
 
 def _pid_alive(pid: int) -> bool:
@@ -251,9 +266,17 @@ def _scan_live(root: Path, *, verify: bool) -> list[Checkpoint]:
             continue
         if name.startswith("."):
             continue
+        folder_manifest = _folder_manifest(name)
+        if folder_manifest is not None:
+            step = sharded.parse_folder(name)
+            if folder_manifest in entries:
+                found.append(_sharded(entry, Path(entries[folder_manifest].path), step, verify=verify))
+            else:
+                found.append(_leftover(entry, step, "a sharded save's folder without its manifest (interrupted)"))
+            continue
         own = ckptfmt.STEP_RE.match(name)
         if own is not None and own.group(2) == "json":
-            if _data_name(name) not in entries:
+            if _data_name(name) not in entries and _folder_name(name) not in entries:
                 found.append(_leftover(entry, step, "manifest without its data file"))
             continue
         if own is not None:
@@ -275,8 +298,17 @@ def _scan_quarantine(qdir: Path) -> list[Checkpoint]:
     for name, entry in entries.items():
         base, suffix = _split_suffix(name)
         own = ckptfmt.STEP_RE.match(base)
-        if own is not None and own.group(2) == "json" and _data_name(base) + suffix in entries:
-            continue   # listed with its data file
+        if own is not None and own.group(2) == "json" and (_data_name(base) + suffix in entries
+                                                           or _folder_name(base) + suffix in entries):
+            continue   # listed with its data file or folder
+        folder_manifest = _folder_manifest(base)
+        if folder_manifest is not None:
+            manifest = Path(entries[folder_manifest + suffix].path) if folder_manifest + suffix in entries else None
+            meta = _read_manifest(manifest)[0] if manifest is not None else {}
+            found.append(Checkpoint(Path(entry.path), sharded.parse_folder(base), CheckpointStatus.QUARANTINED,
+                                    bytes=sharded.folder_bytes(entry.path), manifest=manifest,
+                                    **_meta_fields(meta, default_t=_size_and_mtime(entry)[1])))
+            continue
         if own is not None or ckptfmt.TEMP_RE.match(base):
             manifest_key = _manifest_name(base) + suffix if own is not None and own.group(2) == "pt" else None
             manifest = Path(entries[manifest_key].path) if manifest_key in entries else None
@@ -325,6 +357,18 @@ def _verified(data: Path, manifest: Path, step: int | None, *, verify: bool) -> 
     return result(CheckpointStatus.OK, stat.st_size)
 
 
+def _sharded(entry: os.DirEntry[str], manifest: Path, step: int | None, *, verify: bool) -> Checkpoint:
+    """A sharded save's folder with its manifest: ok when every file it lists matches."""
+    meta, problem = _read_manifest(manifest, folder=True)
+    folder = Path(entry.path)
+    if problem is not None:
+        return Checkpoint(folder, step, CheckpointStatus.CORRUPT, bytes=sharded.folder_bytes(folder),
+                          manifest=manifest, note=problem, **_meta_fields(meta, default_t=None))
+    found = sharded.check(folder, meta, step, verify=verify, digest=_sha256)
+    return Checkpoint(folder, step, CheckpointStatus.OK if found.ok else CheckpointStatus.CORRUPT,
+                      bytes=found.bytes, manifest=manifest, note=found.problem, **_meta_fields(meta, default_t=None))
+
+
 MANIFEST_LIMIT = 4 << 20   # a manifest is a few hundred bytes (its metrics included)
 
 
@@ -333,9 +377,10 @@ def _stays_inside(path: Path) -> bool:
     return os.path.dirname(os.path.realpath(path)) == os.path.realpath(path.parent)
 
 
-def _read_manifest(path: Path) -> tuple[dict[str, Any], str | None]:
+def _read_manifest(path: Path, *, folder: bool = False) -> tuple[dict[str, Any], str | None]:
     """The manifest's fields, and a problem in words if it cannot be trusted (typed: a field
-    of the wrong type makes the checkpoint ``corrupt``, never an exception)."""
+    of the wrong type makes the checkpoint ``corrupt``, never an exception). ``folder``: the
+    manifest of a sharded folder, whose files ``sharded.check`` types."""
     try:
         meta = json.loads(read_bounded(path, MANIFEST_LIMIT, inside=path.parent))
     except OSError as exc:
@@ -344,6 +389,12 @@ def _read_manifest(path: Path) -> tuple[dict[str, Any], str | None]:
         return {}, f"the manifest is not JSON: {str(exc)[:120]}"
     if not isinstance(meta, dict):
         return {}, "the manifest is not a JSON object"
+    of_folder = sharded.is_folder_manifest(meta)
+    if of_folder != folder:
+        return meta, "the manifest describes a sharded folder, not a file" if of_folder \
+            else "the manifest describes a file, not a sharded folder"
+    if folder:
+        return meta, None   # its file list is typed by sharded.check
     size, sha = meta.get("bytes"), meta.get("sha256")
     if type(size) is not int or size < 0 or not isinstance(sha, str):
         return meta, "the manifest lacks bytes or sha256"
@@ -455,6 +506,16 @@ def _data_name(manifest_name: str) -> str:
     return manifest_name[: -len(ckptfmt.MANIFEST_SUFFIX)] + ckptfmt.DATA_SUFFIX
 
 
+def _folder_manifest(name: str) -> str | None:
+    """The manifest name of a sharded save's folder ``name``; None for another name."""
+    step = sharded.parse_folder(name)
+    return ckptfmt.manifest_name(step) if step is not None else None
+
+
+def _folder_name(manifest_name: str) -> str:
+    return manifest_name[: -len(ckptfmt.MANIFEST_SUFFIX)]
+
+
 def _manifest_name(data_name: str) -> str:
     return data_name[: -len(ckptfmt.DATA_SUFFIX)] + ckptfmt.MANIFEST_SUFFIX
 
@@ -536,9 +597,14 @@ def retain(directory: str | os.PathLike[str], *, keep_last: int | None = None, k
         if c.step in keep:
             continue
         for path in (c.manifest, c.path):  # manifest first: a half-deleted pair reads as unverified
+            assert path is not None
+            if path is c.path and sharded.parse_folder(path.name) is not None:
+                if sharded.remove(path):   # a sharded folder; without its manifest it read as partial
+                    removed.append(path)
+                continue
             try:
-                os.unlink(path)  # type: ignore[arg-type]
-                removed.append(Path(path))  # type: ignore[arg-type]
+                os.unlink(path)
+                removed.append(Path(path))
             except FileNotFoundError:
                 pass
     if removed:

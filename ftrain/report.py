@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftrain import checkpoints, ckptfmt
+from ftrain import checkpoints, ckptfmt, sharded
 from ftrain.errors import RunDirError
 from ftrain.journal import Event, read_journal
 from ftrain.protocol import format_skip, parse_skip
@@ -416,7 +416,8 @@ def print_checkpoints(path: Path, found: Sequence[checkpoints.Checkpoint]) -> No
     console = Console()
     chosen = checkpoints.newest_usable(found)
     best = _pinned_best(path, found)
-    foreign = any(ckptfmt.parse_step(Path(c.path).name) is None for c in found)
+    foreign = any(ckptfmt.parse_step(Path(c.path).name) is None and sharded.parse_folder(Path(c.path).name) is None
+                  for c in found)
     table = Table(title=str(path), title_justify="left")
     columns = ["", "step", "saved", "size", "att", "metrics", "status"] + (["file"] if foreign else [])
     for col in columns:

@@ -13,6 +13,7 @@ This module holds the public functions and what the shim knows of its process
     signals   stop requests, stacks on SIGUSR1, torchrun's error file (armed at import
               under the supervisor)
     writer    the checkpoint writer: hashed, durable, in the background (loaded on a save)
+    shards    sharded checkpoints through torch.distributed.checkpoint (loaded on one)
     faults    firing the faults of ``--inject`` (loaded when one is due)
 
 It stands apart from the supervisor: it imports only ``ftrain.protocol`` (the names of the
@@ -285,7 +286,7 @@ def should_stop() -> bool:
 
 
 def save_checkpoint(state: Any, step: int, *, metrics: Mapping[str, Any] | None = None,
-                    blocking: bool = True) -> str | None:
+                    blocking: bool = True, sharded: bool = False) -> str | None:
     """Save ``state`` as ``step-NNNNNNNN.pt`` plus a manifest, atomically and durably.
 
     Rank 0 only (other ranks get None). Writes to ``FTRAIN_CHECKPOINT_DIR``, else
@@ -298,8 +299,21 @@ def save_checkpoint(state: Any, step: int, *, metrics: Mapping[str, Any] | None 
     the time). Returns the final path.
     Raises ``CheckpointError`` (an OSError) when the files cannot be written; nothing that
     looks like a checkpoint is left behind then, and earlier checkpoints are not touched.
+
+    ``sharded=True``: a collective, called on every rank (blocking only). Each rank writes
+    its own part of ``state`` (a dict of tensors, DTensors, ``state_dict()``s, plain values)
+    through ``torch.distributed.checkpoint`` into the folder ``step-NNNNNNNN/``; rank 0
+    writes the manifest (every file's name, size and sha256) once every rank's files are
+    durable. Returns the folder's path on every rank.
     """
     st = _st
+    if sharded:
+        if not blocking:
+            raise ValueError("ftrain.save_checkpoint: a sharded save is blocking (blocking=False is for one file)")
+        _wait_for_save(raise_error=True)
+        from ftrain.shim import shards
+
+        return shards.save(st, state, step, st.last_metrics if metrics is None else metrics)
     if st.rank != 0:
         return None
     _wait_for_save(raise_error=True)
@@ -323,8 +337,13 @@ def snapshot(state: Any, step: int) -> bool:
 
 
 def load_checkpoint(path: str | os.PathLike[str] | None = None, *, weights_only: bool = True,
-                    map_location: Any = "cpu") -> Any:
+                    map_location: Any = "cpu", state: Any = None) -> Any:
     """Load ``path`` (default ``FTRAIN_RESUME_FROM``) with ``torch.load``; None if neither.
+
+    When it is the folder of a sharded save (``save_checkpoint(..., sharded=True)``), every
+    rank calls this with ``state``, its own state dict of the same shape (its model's and
+    optimizer's ``state_dict()``, DTensors included): ``torch.distributed.checkpoint``
+    loads into it in place, and it is returned. Without ``state`` that raises a TypeError.
 
     When the file has a manifest its size is checked (the supervisor checked the sha256
     before it chose the file); a mismatch raises ``CheckpointError``. When the resume point
@@ -335,6 +354,10 @@ def load_checkpoint(path: str | os.PathLike[str] | None = None, *, weights_only:
     if not target:
         return None
     _wait_for_save(raise_error=False)   # it may be the file a background save is writing
+    if os.path.isdir(target):
+        from ftrain.shim import shards
+
+        return shards.load(target, state)
     _check_size(target)
     import torch
 

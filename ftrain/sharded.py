@@ -1,0 +1,164 @@
+"""Sharded checkpoints: a folder of files that every rank wrote, and the manifest that vouches for it.
+
+``ftrain.save_checkpoint(state, step, sharded=True)`` (every rank) writes the folder
+``step-NNNNNNNN/`` through ``torch.distributed.checkpoint`` (each rank its own
+``__R_N.distcp`` files, the coordinator ``.metadata``), then rank 0 writes the manifest
+``step-NNNNNNNN.json`` beside it, only once every rank's files are durable::
+
+    {"step": 120, "attempt": 1, "t": ..., "metrics": {...}, "tier": "disk",
+     "sharded": true, "world_size": 2, "bytes": <total>,
+     "files": [{"name": ".metadata", "bytes": 1234, "sha256": "..."}, ...]}
+
+So a folder without a manifest is the leftover of an interrupted save (``partial``), and
+one whose files do not match the manifest is ``corrupt``. This module holds the names and
+the checks, as plain values; ``checkpoints`` maps them onto its statuses. Standard library
+only: the supervisor never imports torch, and the shim builds its manifest here too.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from stat import S_ISDIR, S_ISREG
+from typing import Any
+
+__all__ = ["FolderCheck", "check", "folder_bytes", "folder_name", "is_folder_manifest", "manifest_body",
+           "parse_folder", "remove"]
+
+# At least the eight digits of ``folder_name``'s padding: another tool's ``step-5/`` stays foreign.
+FOLDER_RE = re.compile(r"^step-(\d{8,})$")
+METADATA = ".metadata"        # DCP's own index of the folder, written by its coordinator
+_DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+FILES_MAX = 100_000           # entries a manifest may list
+
+
+def folder_name(step: int) -> str:
+    """``step-00000120``: the folder a sharded save of ``step`` writes."""
+    return f"step-{step:08d}"
+
+
+def parse_folder(name: str) -> int | None:
+    """The step of a sharded checkpoint's folder name, else None."""
+    match = FOLDER_RE.match(name)
+    return int(match.group(1)) if match else None
+
+
+def manifest_body(info: dict[str, Any], files: list[dict[str, Any]], world_size: int) -> dict[str, Any]:
+    """The manifest of a sharded save: ``info`` (step, attempt, t, metrics) and every file,
+    by name, with its size and sha256."""
+    ordered = sorted(files, key=lambda f: f["name"])
+    return dict(info, tier="disk", sharded=True, world_size=world_size,
+                bytes=sum(f["bytes"] for f in ordered), files=ordered)
+
+
+def is_folder_manifest(meta: Any) -> bool:
+    """Whether a manifest's content says it describes a folder."""
+    return isinstance(meta, dict) and meta.get("sharded") is True
+
+
+@dataclass(frozen=True)
+class FolderCheck:
+    """What ``check`` found: ``ok``, the bytes on disk, and the problem in words when not ok."""
+
+    ok: bool
+    bytes: int
+    problem: str | None = None
+
+
+Digest = Callable[[Path, os.stat_result], str]
+
+
+def check(folder: Path, meta: dict[str, Any], step: int | None, *, verify: bool, digest: Digest) -> FolderCheck:
+    """Compare ``folder`` with its manifest ``meta``: every listed file a regular file of the
+    folder (no symlink, no ``..``), of the listed size and, with ``verify``, digest."""
+    try:
+        st = os.lstat(folder)
+    except OSError as exc:
+        return FolderCheck(False, 0, f"cannot read the folder: {exc.strerror}")
+    if not S_ISDIR(st.st_mode):
+        return FolderCheck(False, 0, "the checkpoint is not a folder of this checkpoint folder")
+    on_disk = folder_bytes(folder)
+    files, problem = _files_of(meta)
+    if problem is None and (type(meta.get("step")) is not int or meta.get("step") != step):
+        problem = f"the manifest is of step {meta.get('step')!r}, the folder name says {step}"
+    if problem is not None:
+        return FolderCheck(False, on_disk, problem)
+    for entry in files:
+        path = folder / entry["name"]
+        try:
+            fst = os.lstat(path)
+        except FileNotFoundError:
+            return FolderCheck(False, on_disk, f"{entry['name']} is missing")
+        except OSError as exc:
+            return FolderCheck(False, on_disk, f"cannot read {entry['name']}: {exc.strerror}")
+        if not S_ISREG(fst.st_mode):
+            return FolderCheck(False, on_disk, f"{entry['name']} is not a regular file of the folder")
+        if fst.st_size != entry["bytes"]:
+            return FolderCheck(False, on_disk, f"{entry['name']} has {fst.st_size} bytes, the manifest says "
+                                               f"{entry['bytes']}")
+    if not verify:
+        return FolderCheck(True, on_disk, "sizes match; checksums not verified")
+    for entry in files:
+        path = folder / entry["name"]
+        try:
+            ok = digest(path, os.lstat(path)) == entry["sha256"]
+        except OSError as exc:
+            return FolderCheck(False, on_disk, f"cannot read {entry['name']}: {exc.strerror}")
+        if not ok:
+            return FolderCheck(False, on_disk, f"sha256 of {entry['name']} does not match the manifest")
+    return FolderCheck(True, on_disk)
+
+
+def _files_of(meta: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
+    """The manifest's file list, typed, or a problem in words."""
+    files = meta.get("files")
+    if not isinstance(files, list) or not files or len(files) > FILES_MAX:
+        return [], "the manifest lists no files"
+    names = set()
+    for entry in files:
+        if not isinstance(entry, dict):
+            return [], "the manifest's file list holds something other than objects"
+        name, size, sha = entry.get("name"), entry.get("bytes"), entry.get("sha256")
+        if not isinstance(name, str) or not name or "/" in name or "\0" in name or name in (".", ".."):
+            return [], f"the manifest names a file outside the folder: {str(name)[:80]!r}"
+        if type(size) is not int or size < 0 or not isinstance(sha, str) or not _DIGEST_RE.match(sha):
+            return [], f"the manifest's entry for {name[:80]!r} lacks bytes or a sha256 digest"
+        names.add(name)
+    if METADATA not in names:
+        return [], f"the manifest does not list {METADATA}"
+    return files, None
+
+
+def folder_bytes(folder: str | os.PathLike[str]) -> int:
+    """The bytes of the regular files directly in ``folder`` (symlinks and subfolders not followed)."""
+    total = 0
+    try:
+        with os.scandir(folder) as it:
+            for entry in it:
+                try:
+                    if entry.is_file(follow_symlinks=False):
+                        total += entry.stat(follow_symlinks=False).st_size
+                except OSError:
+                    pass
+    except OSError:
+        return 0
+    return total
+
+
+def remove(folder: str | os.PathLike[str]) -> bool:
+    """Delete a checkpoint folder and what is in it; a symlink is only unlinked, never followed.
+    True when it went."""
+    try:
+        if os.path.islink(folder) or not os.path.isdir(folder):
+            os.unlink(folder)
+        else:
+            shutil.rmtree(folder)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
