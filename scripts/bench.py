@@ -491,6 +491,55 @@ def bench_checkpoint(tmp: Path, mb: int, rounds: int = 9) -> None:
            f"blocked {nb * 1000:.0f} ms")
 
 
+SHARDED_BENCH = """
+import os, statistics, sys, time
+import torch, torch.distributed as dist, torch.distributed.checkpoint as dcp
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+import ftrain
+
+dist.init_process_group("gloo")
+world, mb, rounds = dist.get_world_size(), int(sys.argv[1]), int(sys.argv[2])
+mesh = init_device_mesh("cpu", (world,))
+n = world * mb * (1 << 18) // 4   # four float32 DTensors: mb MiB of shards per rank
+state = {f"w{i}": distribute_tensor(torch.randn(n), mesh, [Shard(0)]) for i in range(4)}
+state["step"] = 0
+plain, ours = [], []
+for r in range(rounds):
+    for name, out in (("dcp", plain), ("ftrain", ours)):
+        dist.barrier()
+        t0 = time.perf_counter()
+        if name == "dcp":
+            dcp.save(state, checkpoint_id=f"plain/{r}")
+        else:
+            ftrain.save_checkpoint(state, r, sharded=True)
+        dist.barrier()
+        out.append(time.perf_counter() - t0)
+if dist.get_rank() == 0:
+    print(statistics.median(plain), statistics.median(ours))
+dist.destroy_process_group()
+"""
+
+
+def bench_sharded(tmp: Path, mb: int, rounds: int) -> None:
+    """A sharded save of 2 ranks (gloo, CPU): ``ftrain.save_checkpoint(sharded=True)`` (DCP,
+    then every rank hashes its files and rank 0 writes the manifest) vs a plain
+    ``torch.distributed.checkpoint.save`` of the same DTensor state, alternating, median."""
+    script = tmp / "sharded_bench.py"
+    script.write_text(SHARDED_BENCH)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FTRAIN_", "PET_"))}
+    env.update(FTRAIN_CHECKPOINT_DIR=str(tmp / "ckpt"), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    out = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                          str(script), str(mb), str(rounds)], capture_output=True, text=True, cwd=tmp, env=env)
+    if out.returncode != 0:
+        print(out.stderr[-2000:])
+        return
+    plain, ours = map(float, out.stdout.split()[-2:])
+    report("sharded_save_vs_dcp_save", ours / plain, "x", "",
+           f"2 ranks x {mb} MiB, median of {rounds}: dcp.save {plain * 1000:.0f} ms, "
+           f"ftrain sharded {ours * 1000:.0f} ms (+{(ours - plain) * 1000:.0f} ms: hashing, manifest)")
+
+
 def bench_goodput(tmp: Path, steps: int) -> None:
     """The demo job with 5 injected faults of different kinds vs the same job without faults."""
     faults = ",".join(f"{k}@{int(steps * f)}" for k, f in
@@ -553,6 +602,7 @@ def main() -> None:
         "latency": lambda t: bench_detect_latency(t, 20 if q else 60),
         "cpu": lambda t: bench_cpu(t, 6 if q else 20),
         "checkpoint": lambda t: bench_checkpoint(t, 20 if q else 100),
+        "sharded": lambda t: bench_sharded(t, 32 if q else 128, 3 if q else 7),
         "warm": lambda t: bench_warm(t, 200 if q else 400),
         "goodput": lambda t: bench_goodput(t, 300 if q else 1200),
     }
