@@ -537,7 +537,7 @@ def bench_sharded(tmp: Path, mb: int, rounds: int) -> None:
     plain, ours = map(float, out.stdout.split()[-2:])
     report("sharded_save_vs_dcp_save", ours / plain, "x", "",
            f"2 ranks x {mb} MiB, median of {rounds}: dcp.save {plain * 1000:.0f} ms, "
-           f"ftrain sharded {ours * 1000:.0f} ms (+{(ours - plain) * 1000:.0f} ms: hashing, manifest)")
+           f"ftrain sharded {ours * 1000:.0f} ms ({(ours - plain) * 1000:+.0f} ms: hashing, manifest)")
 
 
 def bench_goodput(tmp: Path, steps: int) -> None:

@@ -2,10 +2,10 @@
 loads its own part (``ftrain.save_checkpoint(..., sharded=True)``, ``load_checkpoint(state=)``).
 
 A save is collective. Rank 0 first drops an earlier manifest and folder of the same step;
-DCP writes the folder (each rank its ``__R_N.distcp`` files, fsynced; the coordinator
-``.metadata``) and returns on every rank once ``.metadata`` is in place; each rank then
-hashes the files it wrote and sends their names, sizes and sha256 to rank 0, which fsyncs
-the folder and only then writes the manifest (``ftrain.sharded``), durably, and tells
+DCP writes the folder (each rank its ``__R_N.distcp`` files, hashed as they are written
+and fsynced; the coordinator ``.metadata``) and returns on every rank once ``.metadata`` is
+in place; each rank then sends the names, sizes and sha256 of the files it wrote to rank 0,
+which fsyncs ``.metadata`` and the folder and only then writes the manifest (``ftrain.sharded``), durably, and tells
 every rank how it went. A rank killed anywhere before that leaves a folder without a
 manifest: ``partial``, never resumed from. Loaded on the first sharded save or load.
 """
@@ -96,33 +96,89 @@ def _clear(directory: str, folder: str, manifest: str) -> None:
 
 def _write(state: Any, folder: str, rank: int, on: bool) -> list[dict[str, Any]]:
     """DCP's save of this rank's part; the files this rank wrote (``.metadata`` too on rank 0),
-    each with its size and sha256, read back once DCP fsynced them."""
+    each with its size and sha256, fsynced."""
     import torch.distributed.checkpoint as dcp
 
-    class Writer(dcp.FileSystemWriter):
-        """DCP's own writer, noting the names of the files this rank wrote."""
-
-        written: list[str] = []
-
-        def write_data(self, plan: Any, planner: Any) -> Any:
-            future = super().write_data(plan, planner)
-            self.written = sorted({result.storage_data.relative_path for result in future.value()})
-            return future
-
-    writer = Writer(folder, sync_files=True)
+    writer = dcp.FileSystemWriter(folder, sync_files=False)   # each shard file is fsynced at its close
+    hashing = writer.fs = _hashing_fs()
     try:
         dcp.save(state, storage_writer=writer, no_dist=not on)
     except dcp.CheckpointException as exc:
         raise CheckpointError(0, f"ftrain.save_checkpoint: {folder}: {str(exc).splitlines()[0][:300]}") from exc
-    names = writer.written + ([sharded.METADATA] if rank == 0 else [])
-    return [_describe(os.path.join(folder, name), name) for name in names]
+    files = [hashing.files[name] for name in sorted(hashing.files)]
+    if rank == 0:
+        files.append(_describe(os.path.join(folder, sharded.METADATA), sharded.METADATA))
+    return files
+
+
+def _hashing_fs() -> Any:
+    """DCP's local file system, but each ``.distcp`` file it creates is a ``HashingWriter``
+    (the sha256 computed on a helper thread as the bytes are written, never read back),
+    flushed and fsynced at its close; ``files`` holds each one's name, size and digest."""
+    import contextlib
+
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    from ftrain.shim.writer import HashingWriter
+
+    class Stream(HashingWriter):
+        """The file object DCP writes a shard into: ``write``, ``tell``, ``fileno``, ``close``."""
+
+        def __init__(self, fd: int, name: str, done: dict[str, dict[str, Any]]) -> None:
+            super().__init__(fd)
+            self.name, self.done, self.closed = name, done, False
+
+        def tell(self) -> int:
+            return self.size + self._filled
+
+        def writable(self) -> bool:
+            return True
+
+        def fileno(self) -> int:
+            return self.fd
+
+        def close(self) -> None:
+            if self.closed:
+                return
+            self.closed = True
+            try:
+                self.flush()
+                os.fsync(self.fd)
+                self.done[self.name] = {"name": self.name, "bytes": self.size, "sha256": self.hexdigest()}
+            finally:
+                super().close()
+
+    class HashingFS(FileSystem):
+        def __init__(self) -> None:
+            super().__init__()
+            self.files: dict[str, dict[str, Any]] = {}
+
+        @contextlib.contextmanager
+        def create_stream(self, path: Any, mode: str) -> Any:
+            name = os.path.basename(os.fspath(path))
+            if mode != "wb" or not name.endswith(".distcp"):
+                with super().create_stream(path, mode) as plain:   # .metadata, and reads
+                    yield plain
+                return
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            stream = Stream(fd, name, self.files)
+            try:
+                yield stream
+                stream.close()
+            finally:
+                HashingWriter.close(stream)   # the helper thread, if an error came first
+                os.close(fd)
+
+    return HashingFS()
 
 
 def _describe(path: str, name: str) -> dict[str, Any]:
+    """Size and sha256 of a file written by DCP's own code (``.metadata``), fsynced first."""
     h = hashlib.sha256()
     buffer = bytearray(1 << 20)
     view = memoryview(buffer)
     with open(path, "rb") as f:
+        os.fsync(f.fileno())
         while n := f.readinto(buffer):
             h.update(view[:n])
         size = os.fstat(f.fileno()).st_size
