@@ -162,3 +162,54 @@ def test_a_lower_overhead_budget_takes_fewer_snapshots(job: Path) -> None:
     # 2 %: a 4 MB copy blocks ~0.5-2 ms, so most of the 40 steps of 50 ms are snapshotted;
     # 0.01 %: the next one waits 5-20 s, longer than the job
     assert taken["default"] >= 15 and taken["low"] <= 2, taken
+
+
+def test_inspect_shows_the_memory_tier_live_and_the_checkpoint_promoted_from_it(job: Path) -> None:
+    import subprocess
+    import time
+
+    from conftest import ftrain_cmd
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FTRAIN_")}
+    child = subprocess.Popen(ftrain_cmd("run", JOB, "--policy", "p.yaml", "--run-dir", "run", "--no-ui",
+                                        "--inject", "kill@30", "--set", "train.steps=120"),
+                             cwd=job, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run = job / "run"
+    tier = MemoryTier(run)
+    try:
+        deadline = time.monotonic() + 60
+        live = None
+        while time.monotonic() < deadline and child.poll() is None:
+            held = [n for n in os.listdir(tier.dir) if n.endswith(".pt")] if tier.dir.is_dir() else []
+            if held:
+                out = run_ftrain("inspect", "run", "--json", cwd=job, timeout=60)
+                assert out.returncode == 0, out.stderr
+                live = json.loads(out.stdout)["memory"]
+                break
+            time.sleep(0.05)
+        assert live is not None, "no snapshot appeared in the memory tier"
+        assert live["dir"] == str(tier.dir) and live["exists"]
+        assert live["snapshots"] >= 1 and live["bytes"] >= 4_000_000, live   # a 4 MB tensor held in RAM
+        _, err = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 0, err[-3000:]
+    resumed = of(events(run), "attempt_start")[1]["resume_step"]
+    assert resumed is not None and resumed > 0
+    out = run_ftrain("inspect", "run", "--json", cwd=job, timeout=60)
+    assert out.returncode == 0, out.stderr
+    after = json.loads(out.stdout)["memory"]
+    assert not after["exists"] and after["bytes"] == 0 and after["snapshots"] == 0      # released at the end
+    [promoted] = [p for p in after["promoted"] if p["step"] == resumed]
+    assert promoted["status"] == "ok" and promoted["disk_step_before"] == 0
+    assert promoted["steps_saved"] == resumed
+    text = run_ftrain("inspect", "run", cwd=job, timeout=60)
+    assert text.returncode == 0, text.stderr
+    assert "memory tier: nothing held in host memory (released)" in text.stdout
+    assert f"promoted from memory: step {resumed} (step-{resumed:08d}.pt, ok)" in text.stdout
+    assert f"{resumed} step(s) not redone" in text.stdout
+    listing = json.loads(run_ftrain("inspect", "run/checkpoints", "--json", cwd=job, timeout=60).stdout)
+    tiers = {c["step"]: c["tier"] for c in listing}
+    assert tiers[resumed] == "memory" and tiers[0] == "disk", tiers
