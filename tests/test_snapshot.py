@@ -213,3 +213,20 @@ def test_inspect_shows_the_memory_tier_live_and_the_checkpoint_promoted_from_it(
     listing = json.loads(run_ftrain("inspect", "run/checkpoints", "--json", cwd=job, timeout=60).stdout)
     tiers = {c["step"]: c["tier"] for c in listing}
     assert tiers[resumed] == "memory" and tiers[0] == "disk", tiers
+
+
+def test_a_hang_resumes_from_the_snapshot_of_the_last_step_it_logged(job: Path) -> None:
+    """A hung job's state is sound (unlike a NaN's): its newest snapshot is used."""
+    (job / "hang.yaml").write_text(POLICY.replace("detect: {nonfinite: [loss]}",
+                                                  "detect: {nonfinite: [loss], hang: {timeout: 2s, startup: 60s}}")
+                                   .replace("[segfault, aborted, killed, cuda_oom]", "[hang]") + "grace: 1s\n")
+    p = run_ftrain("run", JOB, "--policy", "hang.yaml", "--run-dir", "run", "--no-ui", "--inject", "hang@30",
+                   "--set", "train.steps=40", cwd=job, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    run = job / "run"
+    [failure] = of(events(run), "failure")
+    assert failure["kind"] == "hang" and failure["step"] == 29
+    resumed = of(events(run), "attempt_start")[1]["resume_step"]
+    assert resumed is not None and resumed >= 25, resumed          # not the durable step 0
+    assert json.loads((run / "checkpoints" / f"step-{resumed:08d}.json").read_text())["tier"] == "memory"
+    assert set(logged_steps(run)) == set(range(40))
