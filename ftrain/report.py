@@ -352,10 +352,9 @@ def print_memory(tier: dict[str, Any]) -> None:
         console.print("memory tier: nothing held in host memory (released)")
     for p in tier["promoted"]:
         disk = p["disk_step_before"]
-        since = f"the newest disk checkpoint before it is step {disk}" if disk is not None \
-            else "no disk checkpoint before it"
-        console.print(f"  promoted from memory: step {p['step']} ({Path(p['path']).name}, {p['status']}); "
-                      f"{since}: {p['steps_saved']} step(s) not redone")
+        since = f"disk had step {disk}" if disk is not None else "no checkpoint on disk before it"
+        console.print(f"  step {p['step']} promoted from memory ({p['status']}): {p['steps_saved']} step(s) "
+                      f"not redone ({since})")
 
 
 def list_runs(path: Path) -> list[dict[str, Any]]:

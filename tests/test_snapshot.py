@@ -208,8 +208,8 @@ def test_inspect_shows_the_memory_tier_live_and_the_checkpoint_promoted_from_it(
     text = run_ftrain("inspect", "run", cwd=job, timeout=60)
     assert text.returncode == 0, text.stderr
     assert "memory tier: nothing held in host memory (released)" in text.stdout
-    assert f"promoted from memory: step {resumed} (step-{resumed:08d}.pt, ok)" in text.stdout
-    assert f"{resumed} step(s) not redone" in text.stdout
+    assert f"step {resumed} promoted from memory (ok): {resumed} step(s) not redone (disk had step 0)" \
+        in text.stdout
     listing = json.loads(run_ftrain("inspect", "run/checkpoints", "--json", cwd=job, timeout=60).stdout)
     tiers = {c["step"]: c["tier"] for c in listing}
     assert tiers[resumed] == "memory" and tiers[0] == "disk", tiers
@@ -230,3 +230,25 @@ def test_a_hang_resumes_from_the_snapshot_of_the_last_step_it_logged(job: Path) 
     assert resumed is not None and resumed >= 25, resumed          # not the durable step 0
     assert json.loads((run / "checkpoints" / f"step-{resumed:08d}.json").read_text())["tier"] == "memory"
     assert set(logged_steps(run)) == set(range(40))
+
+
+def test_the_demo_job_snapshots_every_step_and_a_kill_costs_at_most_a_few_steps(tmp_path: Path) -> None:
+    """scripts/train_charlm.py (the demo) under a SIGKILL: the restart resumes from the
+    snapshot promoted from memory, and the loss after it is the fault-free run's."""
+    root = Path(__file__).resolve().parents[1]
+    curve = json.loads((root / "tests" / "data" / "demo_loss.json").read_text())   # demo.yaml, no fault
+    p = run_ftrain("run", str(root / "scripts" / "train_charlm.py"), "--config", str(root / "configs" / "demo.yaml"),
+                   "--policy", str(root / "configs" / "policy.demo.yaml"), "--set", "train.steps=45",
+                   "--inject", "kill@35", "--run-dir", "run", "--no-ui", cwd=tmp_path, timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    run = tmp_path / "run"
+    assert [f["kind"] for f in of(events(run), "failure")] == ["killed"]
+    assert redone(run) and redone(run)[0] <= 3, redone(run)                # not back to step 24 on disk
+    resumed = of(events(run), "attempt_start")[1]["resume_step"]
+    assert f"step-{resumed:08d}.pt read from host memory" in p.stderr
+    losses = {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+              if "loss" in r and r["attempt"] == 2}
+    assert sorted(losses) == list(range(resumed + 1, 45))
+    assert all(abs(losses[s] - curve[s]) < 6e-5 for s in losses), [(s, losses[s], curve[s]) for s in losses]
+    story = run_ftrain("inspect", "run", cwd=tmp_path, timeout=60).stdout
+    assert f"step {resumed} promoted from memory (ok): " in story
