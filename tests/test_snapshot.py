@@ -252,3 +252,22 @@ def test_the_demo_job_snapshots_every_step_and_a_kill_costs_at_most_a_few_steps(
     assert all(abs(losses[s] - curve[s]) < 6e-5 for s in losses), [(s, losses[s], curve[s]) for s in losses]
     story = run_ftrain("inspect", "run", cwd=tmp_path, timeout=60).stdout
     assert f"step {resumed} promoted from memory (ok): " in story
+
+
+def test_the_snapshot_bench_runs_and_finds_the_state_exact(tmp_path: Path) -> None:
+    """scripts/bench.py's snapshot section (--quick): 4 real crashes with and without snapshots."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FTRAIN_")}
+    env["PYTHONPATH"] = str(root)
+    p = subprocess.run([sys.executable, str(root / "scripts" / "bench.py"), "--only", "snapshot", "--quick",
+                        "--json", str(tmp_path / "b.json")], cwd=tmp_path, capture_output=True, text=True,
+                       env=env, timeout=240)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    figures = json.loads((tmp_path / "b.json").read_text())
+    assert figures["snapshot_state_exact"] is True, p.stdout
+    assert figures["snapshot_steps_redone_per_crash"] <= 3, p.stdout
+    assert 0 < figures["snapshot_blocking_share_pct"] < 50, p.stdout
+    assert "checkpoints every 50 steps alone: [36, 16, 46, 26]" in p.stdout     # the same crashes, from disk
