@@ -69,7 +69,9 @@ class Checkpoint:
     ``path`` is the data file (the manifest itself for a manifest without data, the folder
     for a folder checkpoint); ``manifest`` its manifest, if any. ``attempt``, ``t``,
     ``metrics`` and ``sha256`` come from the manifest (``t`` is the file's mtime when there
-    is none). ``note`` says in words why the status is what it is, when that is not obvious.
+    is none); ``tier`` is where it was first written: ``memory`` for a snapshot the
+    supervisor promoted (``ftrain.memtier``), ``disk`` for any other. ``note`` says in
+    words why the status is what it is, when that is not obvious.
     """
 
     path: Path
@@ -82,6 +84,7 @@ class Checkpoint:
     sha256: str | None = None
     manifest: Path | None = None
     note: str | None = None
+    tier: str = "disk"
 
     def to_json(self) -> dict[str, Any]:
         """The object ``ftrain inspect --json`` prints for this checkpoint (DESIGN §4)."""
@@ -96,6 +99,7 @@ class Checkpoint:
             "sha256": self.sha256,
             "manifest": str(self.manifest) if self.manifest else None,
             "note": self.note,
+            "tier": self.tier,
         }
 
 
@@ -359,6 +363,7 @@ def _meta_fields(meta: dict[str, Any], *, default_t: float | None) -> dict[str, 
         "t": float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) else default_t,
         "metrics": dict(metrics) if isinstance(metrics, dict) else {},
         "sha256": sha if isinstance(sha, str) else None,
+        "tier": "memory" if meta.get("tier") == "memory" else "disk",
     }
 
 

@@ -200,17 +200,19 @@ def _copy_hashed(src: Path, dst: Path) -> tuple[str, int]:
 
 
 def snapshot_limit(failure: Failure | None, policy: Policy) -> int | None:
-    """The newest step a snapshot may have to be used after ``failure``: before an
-    anomaly's step (a snapshot taken at or after the NaN is poisoned), and the rule's
-    rollback margin before that; None (any) for a crash or a stop request."""
+    """The newest step a snapshot may have to be used after ``failure``: before the step
+    of a bad value (a snapshot taken at or after the NaN is poisoned), and the rule's
+    rollback margin before that; None (any) for a crash, a hang, a straggler or a stop
+    request: the state of the last step taken is sound (a hung job's last snapshot, of the
+    step it logged before it hung, is the one to resume from)."""
     if failure is None or failure.step is None:
         return None
-    from ftrain.kinds import ANOMALY_KINDS
+    from ftrain.kinds import FailureKind
     from ftrain.policy import Action
 
     rule = policy.rule_for(failure.kind)
     limit: int | None = None
-    if failure.kind in ANOMALY_KINDS:
+    if failure.kind in (FailureKind.NONFINITE, FailureKind.THRESHOLD, FailureKind.SPIKE):
         limit = failure.step - 1
     if rule is not None and rule.action is Action.ROLLBACK:
         limit = failure.step - rule.margin

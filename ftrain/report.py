@@ -283,10 +283,12 @@ def inspect_path(path: Path, *, as_json: bool, plot: Path | None) -> int:
     if (path / "journal.jsonl").exists():
         story = run_story(path)
         wrote = plot_run(path, plot) if plot is not None else None
+        tier = memory_report(path)
         if as_json:
-            print(json.dumps(story.to_json(), indent=2, default=str))
+            print(json.dumps(dict(story.to_json(), memory=tier), indent=2, default=str))
         else:
             print_story(story)
+            print_memory(tier)
         if wrote is not None:   # on stderr under --json, which keeps stdout one JSON document
             print(f"plot written to {wrote}", file=sys.stderr if as_json else sys.stdout)
         return 0
@@ -310,6 +312,49 @@ def inspect_path(path: Path, *, as_json: bool, plot: Path | None) -> int:
     else:
         print_checkpoints(path, found)
     return 0
+
+
+def memory_report(run_dir: Path) -> dict[str, Any]:
+    """The run's memory tier (``ftrain.snapshot``, DESIGN §3) for ``inspect``: the folder in
+    host shared memory, the bytes it holds now and how many complete snapshots, and the
+    checkpoints promoted from it (manifest ``"tier": "memory"``), each with the step of the
+    newest disk checkpoint before it: a crash resumed from disk would have gone back there."""
+    from ftrain.memtier import MemoryTier
+
+    tier = MemoryTier(run_dir)
+    held = [c for c in checkpoints.scan(tier.dir, verify=False) if c.status is checkpoints.CheckpointStatus.OK] \
+        if tier.dir.is_dir() else []
+    found = checkpoints.scan(run_dir / "checkpoints", verify=False)
+    promoted = []
+    for c in found:
+        if c.tier != "memory" or c.step is None:
+            continue
+        before = [d.step for d in found if d.tier == "disk" and d.step is not None and d.step < c.step]
+        disk = max(before, default=None)
+        promoted.append({"step": c.step, "path": str(c.path), "bytes": c.bytes, "status": c.status.value,
+                         "disk_step_before": disk, "steps_saved": c.step - (disk if disk is not None else -1)})
+    return {"dir": str(tier.dir), "exists": tier.dir.is_dir(), "bytes": tier.usage(), "snapshots": len(held),
+            "snapshot_steps": [c.step for c in held], "promoted": promoted}
+
+
+def print_memory(tier: dict[str, Any]) -> None:
+    """The memory tier's lines under the story (nothing when the run never used it)."""
+    from rich.console import Console
+
+    if not tier["exists"] and not tier["promoted"]:
+        return
+    console = Console()
+    if tier["exists"]:
+        steps = ", ".join(str(s) for s in tier["snapshot_steps"])
+        console.print(f"memory tier: {_size(tier['bytes'])} in {tier['dir']}, {tier['snapshots']} snapshot(s) held"
+                      + (f" (step {steps})" if steps else ""))
+    else:
+        console.print("memory tier: nothing held in host memory (released)")
+    for p in tier["promoted"]:
+        disk = p["disk_step_before"]
+        since = f"disk had step {disk}" if disk is not None else "no checkpoint on disk before it"
+        console.print(f"  step {p['step']} promoted from memory ({p['status']}): {p['steps_saved']} step(s) "
+                      f"not redone ({since})")
 
 
 def list_runs(path: Path) -> list[dict[str, Any]]:
