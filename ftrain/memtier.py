@@ -9,7 +9,7 @@ When an attempt fails, ``promote`` copies the newest usable snapshot into ``chec
 (hashed on the way and checked against its manifest, fsynced, renamed into place: an
 ordinary checkpoint for resume, ``inspect``, retention and rollbacks), then ``clear``
 empties the tier but for the promoted snapshot, which the restarted attempt loads from
-memory (``ftrain.load_checkpoint``: same name, same sha256); the run's end removes it.
+memory (``ftrain.load_checkpoint``: same name, same digest); the run's end removes it.
 Nothing here imports torch: the supervisor only moves and checksums bytes.
 """
 
@@ -128,10 +128,11 @@ class MemoryTier:
         data_tmp = checkpoint_dir / ckptfmt.temp_name(data.name, pid)
         manifest_tmp = checkpoint_dir / ckptfmt.temp_name(manifest.name, pid)
         meta = json.loads(snap.manifest.read_bytes())
+        algorithm, expected = ckptfmt.digest_of(meta) or ("sha256", "")
         try:
-            digest, size = _copy_hashed(snap.path, data_tmp)
-            if digest != meta.get("sha256") or size != meta.get("bytes"):
-                raise OSError(f"{snap.path}: changed while it was copied (sha256 or size differ)")
+            digest, size = _copy_hashed(snap.path, data_tmp, algorithm)
+            if digest != expected or size != meta.get("bytes"):
+                raise OSError(f"{snap.path}: changed while it was copied ({algorithm} or size differ)")
             if manifest.exists():
                 manifest.unlink()
             os.replace(data_tmp, data)
@@ -177,9 +178,12 @@ class MemoryTier:
         self.available = False
 
 
-def _copy_hashed(src: Path, dst: Path) -> tuple[str, int]:
-    """Copy ``src`` to a new ``dst`` (fsynced), hashing the bytes on the way."""
-    digest = hashlib.sha256()
+def _copy_hashed(src: Path, dst: Path, algorithm: str) -> tuple[str, int]:
+    """Copy ``src`` to a new ``dst`` (fsynced), hashing the bytes on the way (``algorithm``:
+    the snapshot manifest's); ValueError when it cannot be computed here."""
+    digest = ckptfmt.hasher(algorithm)
+    if digest is None:
+        raise ValueError(f"{src}: its digest ({algorithm}) cannot be computed here")
     size = 0
     fd_in = os.open(src, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
