@@ -36,6 +36,7 @@ __all__ = ["MemoryTier", "Promotion", "promote_newest", "snapshot_limit"]
 
 SHM_ROOT = Path("/dev/shm")
 _CHUNK = 8 << 20
+OWNER = ".run-dir"   # in a tier: the run folder it belongs to (sweep_orphans)
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,8 @@ class MemoryTier:
 
     def __init__(self, run_dir: Path, *, overhead: float = 0.02, root: Path | None = None) -> None:
         base = root if root is not None else Path(os.environ.get("FTRAIN_SHM_ROOT") or SHM_ROOT)
-        key = hashlib.sha256(str(Path(run_dir).absolute()).encode()).hexdigest()[:16]
+        self.run_dir = Path(run_dir).absolute()
+        key = hashlib.sha256(str(self.run_dir).encode()).hexdigest()[:16]
         self.dir = base / f"ftrain-{os.getuid()}-{key}"
         self.overhead = overhead
         self.available = False
@@ -73,7 +75,32 @@ class MemoryTier:
         except OSError:
             return False
         self.available = stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+        if self.available:
+            try:
+                (self.dir / OWNER).write_text(str(self.run_dir))
+            except OSError:
+                pass
+            self.sweep_orphans()
         return self.available
+
+    def sweep_orphans(self) -> list[Path]:
+        """Remove the tiers of this user whose run folder is gone (a supervisor killed, then
+        its folder deleted: nothing would ever resume it). A tier whose run folder still
+        exists is kept for its ``resume``; one without an owner note is left alone."""
+        removed = []
+        for tier in self.dir.parent.glob(f"ftrain-{os.getuid()}-*"):
+            if tier == self.dir:
+                continue
+            try:
+                owner = Path((tier / OWNER).read_text()[:4096])
+                st = os.lstat(tier)
+            except (OSError, ValueError):
+                continue
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and owner.is_absolute() \
+                    and not (owner / "journal.jsonl").exists():
+                shutil.rmtree(tier, ignore_errors=True)
+                removed.append(tier)
+        return removed
 
     def env(self) -> dict[str, str]:
         """What the child needs: the folder and the overhead budget."""
@@ -163,7 +190,7 @@ class MemoryTier:
                 names = [e.name for e in entries]
         except OSError:
             return
-        kept = {ckptfmt.data_name(keep), ckptfmt.manifest_name(keep)} if keep is not None else set()
+        kept = {OWNER} | ({ckptfmt.data_name(keep), ckptfmt.manifest_name(keep)} if keep is not None else set())
         for name in names:
             if name in kept:
                 continue

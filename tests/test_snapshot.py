@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -271,3 +272,27 @@ def test_the_snapshot_bench_runs_and_finds_the_state_exact(tmp_path: Path) -> No
     assert figures["snapshot_steps_redone_per_crash"] <= 3, p.stdout
     assert 0 < figures["snapshot_blocking_share_pct"] < 50, p.stdout
     assert "checkpoints every 50 steps alone: [36, 16, 46, 26]" in p.stdout     # the same crashes, from disk
+
+
+def test_a_tier_whose_run_folder_is_gone_is_swept_and_a_resumable_ones_kept(tmp_path: Path) -> None:
+    """A supervisor killed outright leaves its tier for `resume`; once its run folder is
+    deleted nothing will resume it, and the next run's tier removes it (its RAM back)."""
+    root = tmp_path / "shm"
+    root.mkdir()
+    live, gone = tmp_path / "live", tmp_path / "gone"
+    for run in (live, gone):
+        run.mkdir()
+        (run / "journal.jsonl").write_text("")
+        tier = MemoryTier(run, root=root)
+        assert tier.open()
+        (tier.dir / "step-00000003.pt").write_bytes(b"x" * 1000)   # left by a killed supervisor
+    stranger = root / f"ftrain-{os.getuid()}-0000000000000000"     # no owner note: not ours to judge
+    stranger.mkdir()
+    shutil.rmtree(gone)
+    kept, swept = MemoryTier(live, root=root).dir, MemoryTier(gone, root=root).dir
+    new = MemoryTier(tmp_path / "new", root=root)
+    assert new.open()
+    assert kept.exists() and (kept / "step-00000003.pt").exists() and stranger.exists()
+    assert not swept.exists()
+    new.clear()
+    assert (new.dir / ".run-dir").read_text() == str((tmp_path / "new").absolute())
