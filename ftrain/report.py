@@ -339,11 +339,9 @@ def memory_report(run_dir: Path) -> dict[str, Any]:
 
 def print_memory(tier: dict[str, Any]) -> None:
     """The memory tier's lines under the story (nothing when the run never used it)."""
-    from rich.console import Console
-
     if not tier["exists"] and not tier["promoted"]:
         return
-    console = Console()
+    console = _console()
     if tier["exists"]:
         steps = ", ".join(str(s) for s in tier["snapshot_steps"])
         console.print(f"memory tier: {_size(tier['bytes'])} in {tier['dir']}, {tier['snapshots']} snapshot(s) held"
@@ -392,10 +390,9 @@ def list_runs(path: Path) -> list[dict[str, Any]]:
 
 
 def print_runs(path: Path, runs: Sequence[dict[str, Any]]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = _console()
     table = Table(title=f"{path}: {len(runs)} run folder(s)", title_justify="left")
     for col in ("run", "status", "attempts", "last step"):
         table.add_column(col, justify="right" if col in ("attempts", "last step") else "left", no_wrap=True)
@@ -407,10 +404,9 @@ def print_runs(path: Path, runs: Sequence[dict[str, Any]]) -> None:
 
 
 def print_story(story: RunStory) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = _console()
     table = Table(title=f"{story.run_dir}", title_justify="left")
     for col in ("#", "start", "ran", "1st step", "steps", "lost", "from", "ended", "then"):
         table.add_column(col, justify="right" if col in ("#", "lost", "from") else "left", no_wrap=True)
@@ -455,10 +451,9 @@ def print_story(story: RunStory) -> None:
 
 
 def print_checkpoints(path: Path, found: Sequence[checkpoints.Checkpoint]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = _console()
     chosen = checkpoints.newest_usable(found)
     best = _pinned_best(path, found)
     foreign = any(ckptfmt.parse_step(Path(c.path).name) is None for c in found)
@@ -527,3 +522,17 @@ def plot_run(run_dir: Path, out: Path, metrics: Iterable[str] | None = None) -> 
     from ftrain.plot import plot_run as draw
 
     return draw(run_dir, out, metrics)
+
+
+PIPED_WIDTH = 160   # columns of inspect's tables in a pipe or a file: rich's 80 cut the "then" column
+
+
+def _console() -> Any:
+    """A rich console on stdout: the terminal's width, else COLUMNS, else PIPED_WIDTH."""
+    import os
+
+    from rich.console import Console
+
+    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
+        return Console()
+    return Console(width=PIPED_WIDTH)
