@@ -7,7 +7,10 @@
 
     {"step": 120, "attempt": 1, "t": ..., "metrics": {...}, "tier": "disk",
      "sharded": true, "world_size": 2, "bytes": <total>,
-     "files": [{"name": ".metadata", "bytes": 1234, "sha256": "..."}, ...]}
+     "files": [{"name": ".metadata", "bytes": 1234, "digest": "xxh3_128:..."}, ...]}
+
+Each file's checksum is named as in a plain manifest (``ckptfmt.digest_field``: ``digest``
+``algorithm:hex``, or ``sha256`` where xxhash is not installed).
 
 So a folder without a manifest is the leftover of an interrupted save (``partial``), and
 one whose files do not match the manifest is ``corrupt``. This module holds the names and
@@ -26,13 +29,14 @@ from pathlib import Path
 from stat import S_ISDIR, S_ISREG
 from typing import Any
 
+from ftrain import ckptfmt
+
 __all__ = ["FolderCheck", "check", "folder_bytes", "folder_name", "is_folder_manifest", "manifest_body",
            "parse_folder", "remove"]
 
 # At least the eight digits of ``folder_name``'s padding: another tool's ``step-5/`` stays foreign.
 FOLDER_RE = re.compile(r"^step-(\d{8,})$")
 METADATA = ".metadata"        # DCP's own index of the folder, written by its coordinator
-_DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 FILES_MAX = 100_000           # entries a manifest may list
 
 
@@ -49,7 +53,7 @@ def parse_folder(name: str) -> int | None:
 
 def manifest_body(info: dict[str, Any], files: list[dict[str, Any]], world_size: int) -> dict[str, Any]:
     """The manifest of a sharded save: ``info`` (step, attempt, t, metrics) and every file,
-    by name, with its size and sha256."""
+    by name, with its size and checksum."""
     ordered = sorted(files, key=lambda f: f["name"])
     return dict(info, tier="disk", sharded=True, world_size=world_size,
                 bytes=sum(f["bytes"] for f in ordered), files=ordered)
@@ -62,19 +66,22 @@ def is_folder_manifest(meta: Any) -> bool:
 
 @dataclass(frozen=True)
 class FolderCheck:
-    """What ``check`` found: ``ok``, the bytes on disk, and the problem in words when not ok."""
+    """What ``check`` found: ``ok``, the bytes on disk, and the problem in words when not ok
+    (or, with ``verified`` False, why the checksums could not be computed here)."""
 
     ok: bool
     bytes: int
     problem: str | None = None
+    verified: bool = True
 
 
-Digest = Callable[[Path, os.stat_result], str]
+# (path, stat, algorithm) -> hex digest, None when the algorithm is not available here
+Digest = Callable[[Path, os.stat_result, str], "str | None"]
 
 
 def check(folder: Path, meta: dict[str, Any], step: int | None, *, verify: bool, digest: Digest) -> FolderCheck:
     """Compare ``folder`` with its manifest ``meta``: every listed file a regular file of the
-    folder (no symlink, no ``..``), of the listed size and, with ``verify``, digest."""
+    folder (no symlink, no ``/``), of the listed size and, with ``verify``, checksum."""
     try:
         st = os.lstat(folder)
     except OSError as exc:
@@ -104,12 +111,16 @@ def check(folder: Path, meta: dict[str, Any], step: int | None, *, verify: bool,
         return FolderCheck(True, on_disk, "sizes match; checksums not verified")
     for entry in files:
         path = folder / entry["name"]
+        algorithm, expected = ckptfmt.digest_of(entry) or ("", "")
         try:
-            ok = digest(path, os.lstat(path)) == entry["sha256"]
+            found = digest(path, os.lstat(path), algorithm)
         except OSError as exc:
             return FolderCheck(False, on_disk, f"cannot read {entry['name']}: {exc.strerror}")
-        if not ok:
-            return FolderCheck(False, on_disk, f"sha256 of {entry['name']} does not match the manifest")
+        if found is None:
+            return FolderCheck(True, on_disk, f"{algorithm} cannot be computed here (pip install xxhash): "
+                                              "checksums not verified", verified=False)
+        if found != expected:
+            return FolderCheck(False, on_disk, f"{algorithm} of {entry['name']} does not match the manifest")
     return FolderCheck(True, on_disk)
 
 
@@ -122,11 +133,13 @@ def _files_of(meta: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
     for entry in files:
         if not isinstance(entry, dict):
             return [], "the manifest's file list holds something other than objects"
-        name, size, sha = entry.get("name"), entry.get("bytes"), entry.get("sha256")
+        name, size, checksum = entry.get("name"), entry.get("bytes"), ckptfmt.digest_of(entry)
         if not isinstance(name, str) or not name or "/" in name or "\0" in name or name in (".", ".."):
             return [], f"the manifest names a file outside the folder: {str(name)[:80]!r}"
-        if type(size) is not int or size < 0 or not isinstance(sha, str) or not _DIGEST_RE.match(sha):
-            return [], f"the manifest's entry for {name[:80]!r} lacks bytes or a sha256 digest"
+        if type(size) is not int or size < 0 or checksum is None or checksum[0] not in ckptfmt.DIGEST_HEX \
+                or len(checksum[1]) != ckptfmt.DIGEST_HEX[checksum[0]] \
+                or not all(c in "0123456789abcdef" for c in checksum[1]):
+            return [], f"the manifest's entry for {name[:80]!r} lacks bytes or a digest"
         names.add(name)
     if METADATA not in names:
         return [], f"the manifest does not list {METADATA}"

@@ -159,3 +159,54 @@ def test_losing_node_0_moves_the_decision_and_the_job_finishes_on_the_node_left(
               if " world " in line]
     assert worlds and all(" world 1 " in line for line in worlds), worlds   # the job went on with one node
     assert_no_rank_survives(watch, run / "nodes/node-1")
+
+
+def test_node_0_resumed_after_losing_its_role_follows_the_new_deciding_node_and_rejoins(tmp_path: Path) -> None:
+    """Node 0 comes back while node 1 trains alone: it reads coord/lead.json, follows node 1
+    and joins the group. Today it joins the attempt under way: torchrun's elastic agent on
+    node 1 stops for the newcomer, which ftrain sees as a hang, and the next attempt runs
+    on both nodes again (world 2). Joining at the attempt boundary instead is not done."""
+    policy, config = tmp_path / "policy.yaml", tmp_path / "config.yaml"
+    policy.write_text(POLICY)
+    config.write_text("train: {steps: 120, batch_size: 16, ckpt_every: 5, sleep: 0.05}\n")
+    run = tmp_path / "run"
+    port = free_port()
+    watch = PidWatch(run / "heartbeat", run / "nodes/node-1/heartbeat")
+
+    def node(k: int, *args: str, name: str):
+        return start(tmp_path, *args, env={"FTRAIN_NODE_TIMEOUT": "3", "DIST_GLOO_TIMEOUT": "30"}, name=name)
+
+    common = ["--nnodes", "1:2", "--rdzv-endpoint", f"127.0.0.1:{port}", "--policy", str(policy),
+              "--config", str(config), "--run-dir", str(run), "--no-ui"]
+    node0 = node(0, "run", DIST, "--node-rank", "0", *common, name="node0")
+    node1 = node(1, "run", DIST, "--node-rank", "1", *common, name="node1")
+    metrics = run / "metrics.jsonl"
+
+    def step_at_least(n: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            steps = [json.loads(line).get("step") for line in metrics.read_text().splitlines()
+                     if '"loss"' in line] if metrics.exists() else []
+            if steps and steps[-1] >= n:
+                return
+            time.sleep(0.05)
+        pytest.fail(f"no step {n}")
+
+    step_at_least(8, 120)
+    for p in [psutil.Process(node0.pid)] + psutil.Process(node0.pid).children(recursive=True):
+        p.kill()
+    node0.wait()
+    deadline = time.monotonic() + 60
+    while not (run / "coord/lead.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (run / "coord/lead.json").exists(), (tmp_path / "node1.out").read_text()[-3000:]
+    step_at_least(30, 120)   # node 1 trains alone
+    back = node(0, "resume", str(run), "--no-ui", name="node0b")
+    assert finish(node1, 240) == 0, (tmp_path / "node1.out").read_text()[-4000:]
+    assert finish(back, 60) == 0, (tmp_path / "node0b.out").read_text()[-4000:]
+    assert "waiting for node 1's decision" in (tmp_path / "node0b.out").read_text()   # it follows node 1
+    assert json.loads((run / "coord/0002/decision.json").read_text())["leader"] == 1   # node 1 kept the role
+    assert events(run)[-1]["status"] == events(run / "nodes/node-1")[-1]["status"] == "succeeded"
+    worlds = " ".join(line for line in (tmp_path / "node0b.out").read_text().splitlines() if " world " in line)
+    assert " world 2 " in worlds, worlds   # it rejoined: the group is two nodes again
+    assert_no_rank_survives(watch, run, run / "nodes/node-1")

@@ -9,7 +9,6 @@ with the state exact and a rank SIGKILLed mid-save run a real FSDP2 job
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import CHILDREN, events, ftrain_cmd, of
 
-from ftrain import checkpoints, sharded
+from ftrain import checkpoints, ckptfmt, sharded
 from ftrain.checkpoints import CheckpointStatus
 
 SHARD = str(CHILDREN / "shard_train.py")
@@ -39,7 +38,8 @@ rules:
 
 
 # --------------------------------------------------------------------------- folders made here
-def make_folder(root: Path, step: int, files: dict[str, bytes] | None = None, *, manifest: bool = True) -> Path:
+def make_folder(root: Path, step: int, files: dict[str, bytes] | None = None, *, manifest: bool = True,
+                algorithm: str = "sha256") -> Path:
     """A sharded checkpoint as the shim leaves it: the folder, and (``manifest``) its manifest."""
     files = files if files is not None else {".metadata": b"meta", "__0_0.distcp": b"a" * 100,
                                              "__1_0.distcp": b"b" * 50}
@@ -48,7 +48,9 @@ def make_folder(root: Path, step: int, files: dict[str, bytes] | None = None, *,
     listed = []
     for name, data in files.items():
         (folder / name).write_bytes(data)
-        listed.append({"name": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+        h = ckptfmt.hasher(algorithm)
+        h.update(data)
+        listed.append({"name": name, "bytes": len(data), **ckptfmt.digest_field(algorithm, h.hexdigest())})
     if manifest:
         body = sharded.manifest_body({"step": step, "attempt": 1, "t": 1.0, "metrics": {"loss": 0.5}}, listed, 2)
         (root / f"step-{step:08d}.json").write_text(json.dumps(body))
@@ -60,8 +62,9 @@ def only(found: list[checkpoints.Checkpoint], step: int) -> checkpoints.Checkpoi
     return ckpt
 
 
-def test_a_folder_with_its_manifest_is_one_ok_checkpoint_of_all_its_bytes(tmp_path):
-    folder = make_folder(tmp_path, 10)
+@pytest.mark.parametrize("algorithm", ["xxh3_128", "sha256"])
+def test_a_folder_with_its_manifest_is_one_ok_checkpoint_of_all_its_bytes(tmp_path, algorithm):
+    folder = make_folder(tmp_path, 10, algorithm=algorithm)
     (found,) = checkpoints.scan(tmp_path)
     assert found.status is CheckpointStatus.OK and found.path == folder and found.step == 10
     assert found.bytes == 154 and found.attempt == 1 and found.metrics == {"loss": 0.5}
@@ -70,18 +73,20 @@ def test_a_folder_with_its_manifest_is_one_ok_checkpoint_of_all_its_bytes(tmp_pa
     assert found.to_json()["status"] == "ok" and found.to_json()["bytes"] == 154
 
 
+@pytest.mark.parametrize("algorithm", ["xxh3_128", "sha256"])
 @pytest.mark.parametrize("damage, note", [
     (lambda f: (f / "__1_0.distcp").write_bytes(b"b" * 49), "__1_0.distcp has 49 bytes, the manifest says 50"),
-    (lambda f: (f / "__1_0.distcp").write_bytes(b"c" * 50), "sha256 of __1_0.distcp does not match the manifest"),
+    (lambda f: (f / "__1_0.distcp").write_bytes(b"c" * 50), "{} of __1_0.distcp does not match the manifest"),
     (lambda f: (f / "__0_0.distcp").unlink(), "__0_0.distcp is missing"),
     (lambda f: ((f / "__0_0.distcp").unlink(), (f / "__0_0.distcp").symlink_to(f.parent / "outside")),
      "__0_0.distcp is not a regular file of the folder"),
 ])
-def test_a_shard_that_is_short_changed_missing_or_a_symlink_makes_the_folder_corrupt(tmp_path, damage, note):
+def test_a_shard_that_is_short_changed_missing_or_a_symlink_makes_the_folder_corrupt(tmp_path, damage, note,
+                                                                                  algorithm):
     (tmp_path / "outside").write_bytes(b"a" * 100)
-    damage(make_folder(tmp_path, 10))
+    damage(make_folder(tmp_path, 10, algorithm=algorithm))
     ckpt = only(checkpoints.scan(tmp_path), 10)
-    assert ckpt.status is CheckpointStatus.CORRUPT and ckpt.note == note
+    assert ckpt.status is CheckpointStatus.CORRUPT and ckpt.note == note.format(algorithm)
     assert checkpoints.newest_usable(checkpoints.scan(tmp_path)) is None
 
 
@@ -175,6 +180,7 @@ except TypeError as exc:
     meta = json.loads((tmp_path / "checkpoints/step-00000003.json").read_text())
     assert meta["sharded"] is True and meta["world_size"] == 1 and meta["step"] == 3 and meta["tier"] == "disk"
     assert sorted(f["name"] for f in meta["files"]) == [".metadata", "__0_0.distcp"]
+    assert all(f["digest"].startswith("xxh3_128:") for f in meta["files"])   # as plain manifests name it
     assert meta["bytes"] == sum(f["bytes"] for f in meta["files"])
 
 

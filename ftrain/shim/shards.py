@@ -4,15 +4,15 @@ loads its own part (``ftrain.save_checkpoint(..., sharded=True)``, ``load_checkp
 A save is collective. Rank 0 first drops an earlier manifest and folder of the same step;
 DCP writes the folder (each rank its ``__R_N.distcp`` files, hashed as they are written
 and fsynced; the coordinator ``.metadata``) and returns on every rank once ``.metadata`` is
-in place; each rank then sends the names, sizes and sha256 of the files it wrote to rank 0,
-which fsyncs ``.metadata`` and the folder and only then writes the manifest (``ftrain.sharded``), durably, and tells
-every rank how it went. A rank killed anywhere before that leaves a folder without a
-manifest: ``partial``, never resumed from. Loaded on the first sharded save or load.
+in place; each rank then sends the names, sizes and checksums of the files it wrote to
+rank 0, which fsyncs ``.metadata`` and the folder and only then writes the manifest
+(``ftrain.sharded``), durably, and tells every rank how it went. A rank killed anywhere
+before that leaves a folder without a manifest: ``partial``, never resumed from.
+Loaded on the first sharded save or load.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -96,7 +96,7 @@ def _clear(directory: str, folder: str, manifest: str) -> None:
 
 def _write(state: Any, folder: str, rank: int, on: bool) -> list[dict[str, Any]]:
     """DCP's save of this rank's part; the files this rank wrote (``.metadata`` too on rank 0),
-    each with its size and sha256, fsynced."""
+    each with its size and checksum (xxh3_128 or sha256, as plain manifests), fsynced."""
     import torch.distributed.checkpoint as dcp
 
     writer = dcp.FileSystemWriter(folder, sync_files=False)   # each shard file is fsynced at its close
@@ -113,7 +113,7 @@ def _write(state: Any, folder: str, rank: int, on: bool) -> list[dict[str, Any]]
 
 def _hashing_fs() -> Any:
     """DCP's local file system, but each ``.distcp`` file it creates is a ``HashingWriter``
-    (the sha256 computed on a helper thread as the bytes are written, never read back),
+    (the checksum computed on a helper thread as the bytes are written, never read back),
     flushed and fsynced at its close; ``files`` holds each one's name, size and digest."""
     import contextlib
 
@@ -144,7 +144,8 @@ def _hashing_fs() -> Any:
             try:
                 self.flush()
                 os.fsync(self.fd)
-                self.done[self.name] = {"name": self.name, "bytes": self.size, "sha256": self.hexdigest()}
+                self.done[self.name] = {"name": self.name, "bytes": self.size,
+                                        **ckptfmt.digest_field(self.algorithm, self.hexdigest())}
             finally:
                 super().close()
 
@@ -173,8 +174,8 @@ def _hashing_fs() -> Any:
 
 
 def _describe(path: str, name: str) -> dict[str, Any]:
-    """Size and sha256 of a file written by DCP's own code (``.metadata``), fsynced first."""
-    h = hashlib.sha256()
+    """Size and checksum of a file written by DCP's own code (``.metadata``), fsynced first."""
+    algorithm, h = ckptfmt.new_hasher()
     buffer = bytearray(1 << 20)
     view = memoryview(buffer)
     with open(path, "rb") as f:
@@ -182,7 +183,7 @@ def _describe(path: str, name: str) -> dict[str, Any]:
         while n := f.readinto(buffer):
             h.update(view[:n])
         size = os.fstat(f.fileno()).st_size
-    return {"name": name, "bytes": size, "sha256": h.hexdigest()}
+    return {"name": name, "bytes": size, **ckptfmt.digest_field(algorithm, h.hexdigest())}
 
 
 def _write_manifest(directory: str, folder: str, manifest: str, step: int, body: dict[str, Any]) -> None:
@@ -204,7 +205,7 @@ def _write_manifest(directory: str, folder: str, manifest: str, step: int, body:
 
 def load(folder: str, state: Any) -> Any:
     """DCP's load of ``folder`` into ``state``, in place, after comparing the files' sizes
-    with the manifest (the supervisor checked their sha256 before it chose the folder)."""
+    with the manifest (the supervisor checked their checksums before it chose the folder)."""
     if state is None:
         raise TypeError(f"ftrain.load_checkpoint: {folder} is a sharded checkpoint: pass state=, the state "
                         "dict (of this rank's model and optimizer) that DCP loads it into")
