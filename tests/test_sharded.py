@@ -32,7 +32,7 @@ backoff: 0s
 detect:
   hang: {timeout: 60s, startup: 90s}
 rules:
-  - when: [segfault, aborted, killed, preempted, exit_nonzero, exception]
+  - when: [segfault, aborted, killed, preempted, nccl_error, hang, host_oom, exit_nonzero, exception]
     action: restart
 """
 
