@@ -71,6 +71,7 @@ class Launched:
     warm: bool = False
     note: str | None = None
     warm_ranks: int = 0     # ranks handed to interpreters that imported ahead (torchrun jobs)
+    command: tuple[str, ...] | None = None   # what was run, where the launcher changed the command
 
 
 LineHook = Callable[[str], None]
@@ -151,7 +152,8 @@ class Warm(Cold):
             launched.child.bind(ranks.child)   # the attempt's now: stopped and reaped with it
         note = "; ".join(n for n in (*notes, launched.note) if n) or None
         return Launched(launched.child, warm=launched.warm, note=note,
-                        warm_ranks=ranks.count if ranks is not None else 0)
+                        warm_ranks=ranks.count if ranks is not None else 0,
+                        command=tuple(command) if ranks is not None else None)
 
     def _start(self, command: Sequence[str], env: Mapping[str, str], log_path: Path,
                sink: OutputSink | None, line_hook: LineHook | None) -> Launched:
