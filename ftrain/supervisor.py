@@ -454,7 +454,8 @@ class Supervisor:
         if launched.note:
             self._say(launched.note, "warn")
         self._event(Event.ATTEMPT_START, attempt=n, pid=child.pid, host=socket.gethostname(),
-                    command=list(launched.command or command), warm=launched.warm, warm_ranks=launched.warm_ranks or None,
+                    command=list(launched.command or command), warm=launched.warm,
+                    warm_ranks=launched.warm_ranks or None,
                     config_path=str(config_path), overrides=dict(self.state.overrides),
                     resume_from=self.state.resume_from, resume_step=self.state.resume_step,
                     skip_steps=[f"{a}-{b}" for a, b in self.state.skip] or None,
