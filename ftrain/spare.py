@@ -26,6 +26,7 @@ import time
 
 TYPE_CHECKING = False               # not typing's: nothing beyond os and sys before sys.path is ours
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from types import ModuleType
 
 __all__ = ["main", "prefix_imports", "run_script", "serve_ranks", "set_oom_score_adj", "stale"]
@@ -140,7 +141,7 @@ def serve_ranks(name: str, count: int, script: str, listed: list[str]) -> _Rank:
     listener.listen(count)
     inherited = _take_oom_score()
     sys.argv = [script]
-    main_module = _import_ahead(script, listed)
+    main_module = _at_low_priority(lambda: _import_ahead(script, listed))
     dispositions = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     sel = selectors.DefaultSelector()
     sel.register(listener, selectors.EVENT_READ, None)
@@ -203,6 +204,30 @@ def serve_ranks(name: str, count: int, script: str, listed: list[str]) -> _Rank:
                     except OSError:
                         pass
     os._exit(0)
+
+
+def _at_low_priority(work: Callable[[], ModuleType]) -> ModuleType:
+    """``work()`` in a thread of the lowest CPU priority (nice 19: Linux's nice is per
+    thread), waited for: importing ahead takes seconds of CPU, which must not slow the
+    running attempt on a busy machine. The ranks are forked from this thread, whose
+    priority stays as inherited (an unprivileged process could not lower it again)."""
+    import threading
+
+    done: list[ModuleType] = []
+
+    def run() -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except OSError:
+            pass
+        done.append(work())
+
+    thread = threading.Thread(target=run, name="ftrain-import-ahead")
+    thread.start()
+    thread.join()
+    if not done:                    # it raised: no warm ranks; the script meets the error itself, cold
+        os._exit(0)
+    return done[0]
 
 
 def _fork_rank(rank: _Rank) -> _Rank:

@@ -43,7 +43,7 @@ import ftrain
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 attempt = os.environ["FTRAIN_ATTEMPT"]
-print(f"rank {rank} pid {os.getpid()} imported {early.T:.6f}", flush=True)
+print(f"rank {rank} pid {os.getpid()} imported {early.T:.6f} nice {os.nice(0)}", flush=True)
 fault = os.environ.get(f"FAULT_{attempt}", "")        # kind@step, on rank 1
 kind, _, at = fault.partition("@")
 model = nn.parallel.DistributedDataParallel(nn.Linear(4, 1))
@@ -206,6 +206,8 @@ def test_a_segfault_restarts_on_warm_ranks_that_imported_before_the_attempt(job)
     cold = job.ranks(1)
     assert all(t > first["t"] for _, t in cold.values())
     assert "2 warm ranks" in job.output()
+    log = (job.run / "attempts" / "0002" / "output.log").read_text()
+    assert log.count(" nice 0") == 2   # the server imported at nice 19; its ranks run as a cold one would
     # the ranks wrote where torchrun pointed them (--redirects/--tee through the passed fds)
     logs = list((job.run / "attempts" / "0002" / "ranks").glob("*/attempt_0/1/stdout.log"))
     assert logs and "rank 1 done" in logs[0].read_text()
