@@ -265,8 +265,14 @@ def _server_rss(proc: subprocess.Popen) -> Callable[[], list[float]]:
     return stop
 
 
+# The step rank 1 dies at: some 5 s after the first, so that what ftrain readies for the next
+# attempt once the first step is seen (a warm agent, warm ranks: seconds of imports at low
+# priority) is ready, as it is for a job that fails minutes in.
+DIE_AT = 200
+
+
 def bench_ranks(tmp: Path, n: int) -> None:
-    """Two ranks (DDP, gloo on CPU) under ftrain; rank 1 dies by SIGSEGV at step 12 of attempt
+    """Two ranks (DDP, gloo on CPU) under ftrain; rank 1 dies by SIGSEGV at step DIE_AT of attempt
     1. Rank death → decision (journal) and rank death → the restarted job's first step, ftrain
     warm (warm ranks and a warm torchrun agent) and cold, against a cold torchrun start →
     first step; the waiting warm ranks server's memory, per rank."""
@@ -288,7 +294,8 @@ def bench_ranks(tmp: Path, n: int) -> None:
             proc = subprocess.Popen([PY, "-m", "ftrain", "run", str(script), "--nproc-per-node", "2", "--policy",
                                      str(policy), "--no-ui", "--run-dir", str(run)], cwd=tmp,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    env={**env0, "STAMPS": str(stamps), "DIE_AT": "12", "STEPS": "16"})
+                                    env={**env0, "STAMPS": str(stamps), "DIE_AT": str(DIE_AT),
+                                         "STEPS": str(DIE_AT + 4)})
             sampled = _server_rss(proc)
             proc.wait(timeout=300)
             rss = sampled()

@@ -54,6 +54,8 @@ for step in range(start, int(os.environ.get("STEPS", "12"))):
     if rank == 1 and kind and step == int(at):
         if kind == "segv":
             os.kill(os.getpid(), 11)
+        while kind == "hang":                   # outside torch: rank 0 waits in its allreduce
+            time.sleep(3600)
         raise ValueError(f"bad shard at step {step}")
     loss = model(torch.randn(8, 4)).pow(2).mean()
     opt.zero_grad(); loss.backward(); opt.step()
@@ -75,9 +77,9 @@ max_restarts: 3
 grace: 5s
 backoff: 0s
 detect:
-  hang: {timeout: 60s, startup: 90s}
+  hang: {{timeout: {hang}, startup: 90s}}
 rules:
-  - when: [segfault, killed, aborted]
+  - when: [segfault, killed, aborted, hang]
     action: restart
   - when: exception
     action: stop
@@ -85,13 +87,13 @@ rules:
 
 
 class Job:
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, hang: str = "60s") -> None:
         (tmp_path / "lib").mkdir()
         (tmp_path / "lib" / "early.py").write_text(EARLY)
         (tmp_path / "job").mkdir()
         self.script = tmp_path / "job" / "train.py"
         self.script.write_text(JOB)
-        (tmp_path / "policy.yaml").write_text(POLICY)
+        (tmp_path / "policy.yaml").write_text(POLICY.format(hang=hang))
         self.tmp = tmp_path
         self.run = tmp_path / "run"
         self.watch = PidWatch(self.run / "heartbeat")
@@ -164,8 +166,8 @@ class Job:
 
 
 @pytest.fixture
-def job(tmp_path):
-    j = Job(tmp_path)
+def job(tmp_path, request):
+    j = Job(tmp_path, **getattr(request, "param", {}))
     yield j
     if getattr(j, "proc", None) is not None and j.proc.poll() is None:
         j.proc.kill()
@@ -249,4 +251,19 @@ def test_a_server_killed_while_it_waits_means_cold_ranks_with_a_note(job):
     assert not second.get("warm_ranks") and RANK_ENTRY not in second["command"]
     assert "warm ranks' interpreter was killed by SIGKILL while it waited; starting the ranks cold" in job.output()
     assert all(t > second["t"] for _, t in job.ranks(2).values())
+    job.assert_nothing_left()
+
+
+@pytest.mark.parametrize("job", [{"hang": "4s"}], indirect=True)
+def test_a_warm_rank_stuck_outside_a_collective_is_a_hang_with_every_rank_stack(job):
+    job.start(FAULT_1="segv@3", FAULT_2="hang@6")
+    assert job.wait() == 0, job.output()
+    assert starts(job.run)[1]["warm_ranks"] == 2
+    failure = of(events(job.run), "failure")[1]
+    assert failure["kind"] == "hang"
+    text = "\n".join(failure["evidence"])
+    assert "rank 1 stuck outside torch" in text and "train.py" in text
+    for local in (0, 1):   # the warm ranks, not their entries, dumped their stacks into their stderr.log
+        (log,) = (job.run / "attempts/0002/ranks").glob(f"*/attempt_0/{local}/stderr.log")
+        assert "most recent call first" in log.read_text()
     job.assert_nothing_left()
