@@ -8,8 +8,9 @@ supervisor how to reach it anyway:
 * a restart from a checkpoint adds ``resume_args`` naming the chosen file;
 * its own checkpoints are found by ``checkpoints`` globs, relative to the run's working
   directory, so restarts and rollbacks pick from them;
-* its progress lines become metrics records through ``metrics_regex``, so every detector
-  (NaN, threshold, spike, hang) works as with the shim.
+* its progress lines become metrics records through ``metrics_regex``, or, with
+  ``metrics_dicts``, the Python dicts it prints, as Hugging Face's ``Trainer`` does
+  (``TrainerLines``), so every detector (NaN, threshold, spike, hang) works as with the shim.
 
 Templates are split like a shell line into argv items, then each item's ``{placeholders}``
 are filled: ``{key}`` (dotted config key), ``{name}`` (its last part), ``{KEY}`` /
@@ -23,6 +24,7 @@ Nothing here imports torch or touches a process.
 
 from __future__ import annotations
 
+import ast
 import glob
 import json
 import math
@@ -46,24 +48,29 @@ from ftrain.policyfile import _Checker, _line_map
 from ftrain.protocol import RESERVED_METRICS
 from ftrain.script import SHIM
 
-__all__ = ["MissingCheckpoint", "SCRIPT_KEYS", "ScriptAdapter", "render_value"]
+__all__ = ["MissingCheckpoint", "SCRIPT_KEYS", "ScriptAdapter", "TrainerLines", "render_value"]
 
 SCRIPT_KEYS = ("args", "config_file", "env", "resume_args", "checkpoints", "on_missing_checkpoint",
-               "metrics_regex")
+               "metrics_regex", "metrics_dicts")
 LEAF_FIELDS = frozenset({"key", "name", "KEY", "NAME", "value"})
 RESUME_FIELDS = frozenset({"checkpoint", "checkpoint_dir"})
 CONFIG_FILE_SUFFIXES = (".yaml", ".yml", ".json")
 _FIELD_RE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 _READ_BACK = 1 << 20   # bytes per backward read of metrics.jsonl
-# A checkpoint without a step in its name is placed at the step of the last line logged
-# before the file was written. File times come from the kernel's coarse clock, up to a tick
-# (1-10 ms) behind the write; and a progress line read from the script's output
-# (``metrics_regex``) is stamped when it is read, up to DESIGN §9's 100 ms (p99) after the
-# script wrote it (the shim stamps its lines when written). A line stamped that much after a
-# file's mtime may still predate the file. Erring late is the safe side: a checkpoint taken
-# for newer than it is can only send a rollback further back, never closer to the NaN.
-MTIME_SLACK = 0.01
-READ_SLACK = 0.1
+# A printed dict of numbers (``{'loss': 2.3, 'epoch': 0.5}``), flat, at the end of a drawing:
+# no nested brackets or calls, so nothing but literals and the names nan/inf can be in it.
+_DICT_LINE = re.compile(r"\{'[^{}\[\]()]*\}\s*$")
+_DICT_MAX = 4096       # characters; a longer "dict" is not a log line
+_NONFINITE = {"nan": math.nan, "inf": math.inf}
+# tqdm's default bar without a description: "  5%|▌         | 10/200 [00:01<00:19,  9.87it/s]"
+_BAR = re.compile(r"^\s*\d{1,3}%\|[^|]*\|\s*(\d+)/(\d+) \[")
+# A checkpoint without a step in its name is placed at the step of the last line stamped at
+# or before the file's mtime: never later than the step it was written at. The kernel's file
+# times run up to a clock tick (1-10 ms) behind the write, and a progress line read from the
+# script's output (``metrics_regex``) is stamped when it is read, up to DESIGN §9's 100 ms
+# (p99) after the script wrote it, so a line stamped at or before the mtime was written before
+# the file; the lines of those last milliseconds may be missed (the step placed a little
+# early), never a line written after it.
 
 
 @dataclass(frozen=True)
@@ -153,7 +160,7 @@ class ScriptAdapter:
                  config_file: str | None = None, env_each: Template | None = None,
                  env_fixed: Mapping[str, Template] | None = None, patterns: Sequence[str] = (),
                  on_missing: MissingCheckpoint = MissingCheckpoint.FRESH,
-                 regexes: Sequence[re.Pattern[str]] = (), cwd: Path | None = None,
+                 regexes: Sequence[re.Pattern[str]] = (), dicts: bool = False, cwd: Path | None = None,
                  run_dir: Path | None = None, started: float | None = None) -> None:
         self.source = source
         self.args = tuple(args)
@@ -164,6 +171,7 @@ class ScriptAdapter:
         self.patterns = tuple(patterns)
         self.on_missing = on_missing
         self.regexes = tuple(regexes)
+        self.trainer = TrainerLines() if dicts else None
         self.cwd = Path(cwd) if cwd is not None else None
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.started = started   # when the run began: older files are an earlier run's
@@ -239,17 +247,22 @@ class ScriptAdapter:
                 c.error(path + ("on_missing_checkpoint",), "applies only with `checkpoints:`")
 
         regexes = _parse_regexes(c, section.get("metrics_regex"), path + ("metrics_regex",))
+        dicts = section.get("metrics_dicts", False)
+        if not isinstance(dicts, bool):
+            c.error(path + ("metrics_dicts",), "must be true or false")
         if c.errors:
             raise PolicyError(c.errors)
         return cls(source=source, args=args, resume_args=resume_args, config_file=config_file,
                    env_each=env_each, env_fixed=env_fixed, patterns=patterns, on_missing=on_missing,
-                   regexes=regexes, cwd=cwd, run_dir=run_dir, started=started)
+                   regexes=regexes, dicts=dicts is True, cwd=cwd, run_dir=run_dir, started=started)
 
     # ------------------------------------------------------------------ the Script interface
     def talk(self, metrics_path: Path) -> Talk:
-        """Metrics from the output lines with ``metrics_regex``; else the shim's stream (a
-        script driven by its flags may still log through the shim)."""
-        return OutputTalk(self.parse_line, metrics_path) if self.regexes else ShimTalk(metrics_path)
+        """Metrics from the output lines with ``metrics_regex`` or ``metrics_dicts``; else the
+        shim's stream (a script driven by its flags may still log through the shim)."""
+        if not self.reads_output:
+            return ShimTalk(metrics_path)
+        return _AdapterTalk(self.parse_line, metrics_path, self.trainer)
 
     def checkpoint_source(self) -> CheckpointSource:
         """What ``policy.decide`` needs to know of where restarts find checkpoints."""
@@ -272,7 +285,7 @@ class ScriptAdapter:
     @property
     def reads_output(self) -> bool:
         """Whether the supervisor must feed the script's output lines to ``parse_line``."""
-        return bool(self.regexes)
+        return bool(self.regexes) or self.trainer is not None
 
     @property
     def owns_checkpoints(self) -> bool:
@@ -321,21 +334,28 @@ class ScriptAdapter:
         """A metrics record ``{"step": int, name: float …}`` from a progress line, or None.
         The first regex that matches wins; a line whose groups do not read as numbers is
         None, never an error. A line redrawn with carriage returns (a progress bar) is read
-        from its latest drawing that matches."""
-        for segment in reversed(line.split("\r")) if "\r" in line else (line,):
+        from its latest drawing that matches. With ``metrics_dicts`` every drawing also goes
+        to ``TrainerLines`` (which follows the bar), whose record counts when no regex matched."""
+        segments = line.split("\r") if "\r" in line else [line]
+        dict_record = None
+        if self.trainer is not None:
+            for segment in segments:
+                dict_record = self.trainer.parse(segment) or dict_record
+        for segment in reversed(segments):
             for regex in self.regexes:
                 match = regex.search(segment)
                 record = _record(match) if match is not None else None
                 if record is not None:
                     return record
-        return None
+        return dict_record
 
     def checkpoints(self, cwd: Path | None = None, set_aside: Sequence[tuple[int, float]] = ()) -> list[Checkpoint]:
         """The script's checkpoints of this run that the globs match, ``unverified``, each
-        with a step: the one in its name (``ckptfmt.guess_step``), else the step logged
-        last before the file was written. Files with neither are left out, and so are those
-        a rollback set aside (``set_aside``: ``(after step, when)`` of each rollback,
-        ``RunState.set_aside``) that the script has not written since."""
+        with a step: the one in its name (``ckptfmt.guess_step``), else the step of the last
+        line stamped at or before the file's mtime (never a step logged after it was written).
+        Files with neither are left out, and so are those a rollback set aside (``set_aside``:
+        ``(after step, when)`` of each rollback, ``RunState.set_aside``) that the script has
+        not written since."""
         root = Path(cwd) if cwd is not None else (self.cwd or Path.cwd())
         since = self.started
         found: dict[str, tuple[Path, float, int | None]] = {}
@@ -350,8 +370,7 @@ class ScriptAdapter:
                     continue   # a leftover of an earlier run in the same folder
                 found[str(path)] = (path, mtime, ckptfmt.guess_step(path.name))
         unnamed = sorted({mtime for _, mtime, step in found.values() if step is None}, reverse=True)
-        slack = MTIME_SLACK + (READ_SLACK if self.reads_output else 0.0)
-        placed = _steps_at(self.run_dir / "metrics.jsonl", unnamed, slack) if unnamed and self.run_dir else {}
+        placed = _steps_at(self.run_dir / "metrics.jsonl", unnamed) if unnamed and self.run_dir else {}
         result: list[Checkpoint] = []
         for path, mtime, step in sorted(found.values(), key=lambda f: f[1]):
             note = f"matched {', '.join(self.patterns)}; step from the file name"
@@ -372,6 +391,88 @@ class ScriptAdapter:
             else overrides.dump_config(config)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, text, durable=True)
+
+
+class TrainerLines:
+    """Metrics from the dicts a script prints on a line of their own, as Hugging Face's
+    ``Trainer`` does (``{'loss': 2.3, 'grad_norm': 1.2, 'learning_rate': 5e-05, 'epoch': 0.5}``,
+    ``{'loss': nan, ...}``), also at the end of a progress bar's drawing.
+
+    Read safely: at most ``_DICT_MAX`` characters, a flat dict of quoted names to numbers,
+    the bare names ``nan`` and ``inf`` mapped to those floats, then ``ast.literal_eval``;
+    never ``eval``. Values that are not numbers (strings, booleans) are left out.
+
+    The step is the count of the training bar (tqdm's ``n/total``, the first bar without a
+    description that the attempt draws: Trainer's, whose count is its global step), the
+    latest count drawn before the dict; other bars (an evaluation's, of another total) are
+    not followed. Each new count is also a step record of its own, a heartbeat, so a bar
+    that stops moving is a hang from its last move. Without a bar, the step is the dict's
+    number in the attempt: 1, 2, 3 …
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """A new attempt: no bar seen, no dict counted."""
+        self.total: int | None = None
+        self.step: int | None = None
+        self.dicts = 0
+
+    def parse(self, segment: str) -> dict[str, Any] | None:
+        """The record of one drawing or line, or None."""
+        bar = _BAR.match(segment)
+        moved = False
+        if bar is not None:
+            n, total = int(bar.group(1)), int(bar.group(2))
+            if self.total is None:
+                self.total = total
+            if total == self.total:
+                moved, self.step = n != self.step, n
+        found = _DICT_LINE.search(segment) if len(segment) <= _DICT_MAX else None
+        metrics = _dict_metrics(found.group(0)) if found is not None else None
+        if not metrics:
+            return {"step": self.step} if moved and self.step is not None else None
+        self.dicts += 1
+        return {"step": self.step if self.step is not None else self.dicts, **metrics}
+
+
+def _dict_metrics(text: str) -> dict[str, float] | None:
+    """``{'loss': 2.3, 'x': nan}`` → ``{"loss": 2.3, "x": nan}``; None unless it is a dict
+    of literals (with ``nan``/``inf`` names) that has a number."""
+    try:
+        tree = ast.parse(text, mode="eval")
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return None
+    if not isinstance(tree.body, ast.Dict):
+        return None
+
+    class Nonfinite(ast.NodeTransformer):
+        def visit_Name(self, node: ast.Name) -> ast.AST:
+            return ast.Constant(_NONFINITE[node.id]) if node.id in _NONFINITE else node
+
+    try:
+        value = ast.literal_eval(Nonfinite().visit(tree.body))
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return None
+    out = {k: float(v) for k, v in value.items()
+           if isinstance(k, str) and k not in RESERVED_METRICS and k != "step"
+           and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return out or None
+
+
+class _AdapterTalk(OutputTalk):
+    """``OutputTalk`` whose ``TrainerLines`` start afresh with each attempt."""
+
+    def __init__(self, parse: Callable[[str], dict[str, Any] | None], metrics_path: Path,
+                 trainer: TrainerLines | None) -> None:
+        super().__init__(parse, metrics_path)
+        self._trainer = trainer
+
+    def begin(self, attempt: int) -> None:
+        super().begin(attempt)
+        if self._trainer is not None:
+            self._trainer.reset()
 
 
 def _policy_lines(source: str) -> dict[tuple[Any, ...], int]:
@@ -514,9 +615,9 @@ def _record(match: re.Match[str]) -> dict[str, Any] | None:
     return record
 
 
-def _steps_at(metrics_path: Path, times: Sequence[float], slack: float) -> dict[float, int]:
+def _steps_at(metrics_path: Path, times: Sequence[float]) -> dict[float, int]:
     """For each time in ``times`` (newest first), the step of the last metrics record
-    stamped at or before it (give or take ``slack``): what a checkpoint written then holds.
+    stamped at or before it: the latest step a checkpoint written then can hold.
     Reads ``metrics.jsonl`` backwards from its end, so recent times cost little."""
     out: dict[float, int] = {}
     pending = list(times)
@@ -534,7 +635,7 @@ def _steps_at(metrics_path: Path, times: Sequence[float], slack: float) -> dict[
             carry = lines.pop(0) if start > 0 else b""
             for raw in reversed(lines):
                 step, t = _step_and_time(raw)
-                while step is not None and pending and t <= pending[0] + slack:
+                while step is not None and pending and t <= pending[0]:
                     out[pending.pop(0)] = step
                 if not pending:
                     break

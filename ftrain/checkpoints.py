@@ -29,7 +29,8 @@ _DIGEST_CACHE_MAX = 4096
 class CheckpointStatus(str, enum.Enum):
     """How far a checkpoint can be trusted.
 
-    ``ok``           the manifest's sha256 and size match the data file.
+    ``ok``           the manifest's checksum (``digest``, or ``sha256`` in older
+                     manifests) and size match the data file.
     ``corrupt``      they do not (flipped bytes, a truncated file), the manifest cannot be
                      read, or the data file cannot be read: never resumed from.
     ``partial``      leftovers of an interrupted save: a ``.tmp-`` file, or a manifest
@@ -68,8 +69,11 @@ class Checkpoint:
 
     ``path`` is the data file (the manifest itself for a manifest without data, the folder
     for a folder checkpoint); ``manifest`` its manifest, if any. ``attempt``, ``t``,
-    ``metrics`` and ``sha256`` come from the manifest (``t`` is the file's mtime when there
-    is none). ``note`` says in words why the status is what it is, when that is not obvious.
+    ``metrics``, ``digest`` (``algorithm:hex``) and ``sha256`` (older manifests only) come
+    from the manifest (``t`` is the file's mtime when there
+    is none); ``tier`` is where it was first written: ``memory`` for a snapshot the
+    supervisor promoted (``ftrain.memtier``), ``disk`` for any other. ``note`` says in
+    words why the status is what it is, when that is not obvious.
     """
 
     path: Path
@@ -81,7 +85,9 @@ class Checkpoint:
     metrics: dict[str, Any] = field(default_factory=dict)
     sha256: str | None = None
     manifest: Path | None = None
+    digest: str | None = None
     note: str | None = None
+    tier: str = "disk"
 
     def to_json(self) -> dict[str, Any]:
         """The object ``ftrain inspect --json`` prints for this checkpoint (DESIGN §4)."""
@@ -94,20 +100,22 @@ class Checkpoint:
             "t": self.t,
             "metrics": dict(self.metrics),
             "sha256": self.sha256,
+            "digest": self.digest,
             "manifest": str(self.manifest) if self.manifest else None,
             "note": self.note,
+            "tier": self.tier,
         }
 
 
-# (path, size, mtime_ns, inode) -> sha256 hex: a file that changed in any of these is rehashed.
-_digests: dict[tuple[str, int, int, int], str] = {}
+# (path, size, mtime_ns, inode, algorithm) -> hex digest: a file that changed is rehashed.
+_digests: dict[tuple[str, int, int, int, str], str] = {}
 
 
 def scan(directory: str | os.PathLike[str], *, verify: bool = True) -> list[Checkpoint]:
     """Every checkpoint and leftover in ``directory`` and its ``quarantine/``, by step
     (those without a step last). A missing folder is an empty list.
 
-    ``verify`` hashes each data file that has a manifest (results are cached by path, size
+    ``verify`` hashes each data file that has a manifest (with the algorithm it names) (results are cached by path, size
     and mtime, so a repeated scan is cheap); without it only sizes are compared.
     """
     root = Path(directory)
@@ -292,7 +300,7 @@ def _scan_quarantine(qdir: Path) -> list[Checkpoint]:
 
 
 def _verified(data: Path, manifest: Path, step: int | None, *, verify: bool) -> Checkpoint:
-    """A data file with a manifest: ok when size and sha256 match, else corrupt."""
+    """A data file with a manifest: ok when size and checksum match, else corrupt."""
     meta, problem = _read_manifest(manifest)
 
     def result(status: CheckpointStatus, size: int, note: str | None = None) -> Checkpoint:
@@ -307,7 +315,8 @@ def _verified(data: Path, manifest: Path, step: int | None, *, verify: bool) -> 
         return result(CheckpointStatus.CORRUPT, 0, "the data file is not a regular file of this folder")
     if problem is not None:
         return result(CheckpointStatus.CORRUPT, stat.st_size, problem)
-    expected_size, expected_sha = meta.get("bytes"), meta.get("sha256")
+    expected_size = meta.get("bytes")
+    algorithm, expected = ckptfmt.digest_of(meta) or ("", "")
     if type(meta.get("step")) is not int or meta.get("step") != step:
         return result(CheckpointStatus.CORRUPT, stat.st_size,
                       f"the manifest is of step {meta.get('step')!r}, the file name says {step}")
@@ -317,11 +326,14 @@ def _verified(data: Path, manifest: Path, step: int | None, *, verify: bool) -> 
     if not verify:
         return result(CheckpointStatus.OK, stat.st_size, "size matches; checksum not verified")
     try:
-        digest = _sha256(data, stat)
+        digest = _digest(data, stat, algorithm)
     except OSError as exc:
         return result(CheckpointStatus.CORRUPT, stat.st_size, f"cannot read the data file: {exc.strerror}")
-    if digest != expected_sha:
-        return result(CheckpointStatus.CORRUPT, stat.st_size, "sha256 does not match the manifest")
+    if digest is None:
+        return result(CheckpointStatus.UNVERIFIED, stat.st_size,
+                      f"{algorithm} cannot be computed here (pip install xxhash): checksum not verified")
+    if digest != expected:
+        return result(CheckpointStatus.CORRUPT, stat.st_size, f"{algorithm} does not match the manifest")
     return result(CheckpointStatus.OK, stat.st_size)
 
 
@@ -344,21 +356,31 @@ def _read_manifest(path: Path) -> tuple[dict[str, Any], str | None]:
         return {}, f"the manifest is not JSON: {str(exc)[:120]}"
     if not isinstance(meta, dict):
         return {}, "the manifest is not a JSON object"
-    size, sha = meta.get("bytes"), meta.get("sha256")
-    if type(size) is not int or size < 0 or not isinstance(sha, str):
-        return meta, "the manifest lacks bytes or sha256"
-    if len(sha) != 64 or not all(c in "0123456789abcdef" for c in sha):
-        return meta, f"the manifest's sha256 is not a digest: {sha[:80]!r}"
+    size = meta.get("bytes")
+    if type(size) is not int or size < 0 or ckptfmt.digest_of(meta) is None:
+        return meta, "the manifest lacks bytes or sha256 (or digest)"
+    # each checksum field it has must be one (the one verified is ``digest``, where both are)
+    for field_name in ("digest", "sha256"):
+        if field_name not in meta:
+            continue
+        algorithm, hexdigest = ckptfmt.digest_of({field_name: meta[field_name]}) or ("", "")
+        if algorithm not in ckptfmt.DIGEST_HEX:
+            return meta, f"the manifest's digest algorithm is unknown: {str(meta[field_name])[:40]!r}"
+        if len(hexdigest) != ckptfmt.DIGEST_HEX[algorithm] or not all(c in "0123456789abcdef" for c in hexdigest):
+            return meta, f"the manifest's {algorithm} is not a digest: {hexdigest[:80]!r}"
     return meta, None
 
 
 def _meta_fields(meta: dict[str, Any], *, default_t: float | None) -> dict[str, Any]:
     attempt, t, metrics, sha = meta.get("attempt"), meta.get("t"), meta.get("metrics"), meta.get("sha256")
+    checksum = ckptfmt.digest_of(meta)
     return {
         "attempt": attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else None,
         "t": float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) else default_t,
         "metrics": dict(metrics) if isinstance(metrics, dict) else {},
         "sha256": sha if isinstance(sha, str) else None,
+        "digest": ":".join(checksum) if checksum is not None else None,
+        "tier": "memory" if meta.get("tier") == "memory" else "disk",
     }
 
 
@@ -413,30 +435,24 @@ def _size_and_mtime(entry: os.DirEntry[str]) -> tuple[int, float | None]:
     return total, stat.st_mtime
 
 
-def _sha256(path: Path, stat: os.stat_result) -> str:
-    key = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+def _digest(path: Path, stat: os.stat_result, algorithm: str) -> str | None:
+    """The hex ``algorithm`` digest of the file (cached); None when it cannot be computed here."""
+    key = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino, algorithm)
     digest = _digests.get(key)
     if digest is None:
-        import hashlib  # here: loading OpenSSL is 5 ms of `ftrain run`'s start
-
+        h = ckptfmt.hasher(algorithm)   # here: loading OpenSSL is 5 ms of `ftrain run`'s start
+        if h is None:
+            return None
+        buffer = bytearray(1 << 20)
+        view = memoryview(buffer)
         with open(path, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest() if hasattr(hashlib, "file_digest") \
-                else _sha256_stream(f)
+            while n := f.readinto(buffer):
+                h.update(view[:n])
+        digest = h.hexdigest()
         if len(_digests) >= _DIGEST_CACHE_MAX:
             del _digests[next(iter(_digests))]
         _digests[key] = digest
     return digest
-
-
-def _sha256_stream(f: Any) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    buffer = bytearray(1 << 20)
-    view = memoryview(buffer)
-    while n := f.readinto(buffer):
-        h.update(view[:n])
-    return h.hexdigest()
 
 
 def _list(folder: Path) -> dict[str, os.DirEntry[str]]:

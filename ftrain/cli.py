@@ -76,13 +76,14 @@ def main() -> None:
               help="Mirror metrics and ftrain's events into TensorBoard files in DIR.")
 @click.option("--nproc-per-node", type=int, default=1, show_default=True,
               help="Ranks on this machine; >1 runs the script under torchrun.")
-@click.option("--nnodes", type=int, default=1, show_default=True, help="Machines in the job.")
+@click.option("--nnodes", default="1", show_default=True, metavar="N|MIN:MAX",
+              help="Machines in the job; MIN:MAX lets it go on with as few as MIN (torchrun's spelling).")
 @click.option("--node-rank", type=int, default=0, show_default=True, help="This machine's rank.")
 @click.option("--rdzv-endpoint", metavar="HOST:PORT", help="Rendezvous endpoint for several machines.")
 @_guard
 def run(script: str, script_args: Sequence[str], policy_path: Path | None, config_path: Path | None,
         sets: Sequence[str], run_dir: Path | None, inject: str | None, no_ui: bool,
-        tensorboard: Path | None, nproc_per_node: int, nnodes: int, node_rank: int,
+        tensorboard: Path | None, nproc_per_node: int, nnodes: str, node_rank: int,
         rdzv_endpoint: str | None) -> None:
     """Run SCRIPT under supervision. Arguments after `--` go to the script unchanged.
 

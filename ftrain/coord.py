@@ -1,11 +1,16 @@
 """Several machines, one job: the nodes agree on one verdict per attempt through files.
 
 One ftrain per machine, all pointed at one run folder on a shared file system. Every node
-publishes what its attempt showed; node 0 picks the root cause among the nodes, its loop
-decides by the policy (and moves checkpoints), and ``announce`` publishes the decision; the
-others wait for it and apply it verbatim, so every node starts the next attempt with the same
-overrides, checkpoint, skip windows and attempt number. The coordinator never decides and
-never moves checkpoints.
+publishes what its attempt showed; the deciding node (node 0, until it is lost) picks the
+root cause among the nodes, its loop decides by the policy (and moves checkpoints), and
+``announce`` publishes the decision; the others wait for it and apply it verbatim, so every
+node starts the next attempt with the same overrides, checkpoint, skip windows and attempt
+number. The coordinator never decides and never moves checkpoints.
+
+When the deciding node is lost and the job is elastic (``--nnodes MIN:MAX``), the lowest
+surviving node takes the role over (``coord/lead.json``), decides the attempt it was
+waiting on, and serves the next rendezvous; the job goes on with the nodes that remain. A
+fixed-size job stops instead (it cannot go on without the node): resume when it is back.
 
 ``Nodes`` is the ``Topology`` of such a job (``ftrain.topology``): ``Ranks`` on this
 machine plus the ``Coordinator``.
@@ -102,6 +107,8 @@ class Coordinator:
     what it missed. Node 0 decides; nobody votes, so there is nothing to reconcile. ::
 
         coord/node-K.json               K's heartbeat: a counter, every BEAT s, from a thread
+        coord/lead.json                 the deciding node, once it is not node 0 (who took over,
+                                        at which attempt, its host)
         coord/NNNN/state.json           the RunState node 0 starts attempt NNNN from
         coord/NNNN/failed               exists once some node's attempt NNNN failed (or a node
                                         was lost): one stat tells every node to stop its ranks
@@ -138,6 +145,15 @@ class Coordinator:
         self._beats = 0
         self._warned: set[Path] = set()
         self._pending: dict[int, dict[str, Any]] = {}      # attempt → what announce records with the decision
+        self.lead = 0                                       # the node that decides (see take_over)
+        self.lead_host: str | None = None                   # its host, once it is not node 0
+        self.gone: set[int] = set()                         # nodes lost and not back since
+        self._lost_lead: dict[int, float] = {}              # the lost node whose role this one took
+
+    @property
+    def is_lead(self) -> bool:
+        """This node decides for every node."""
+        return self.node == self.lead
 
     def attempt_dir(self, n: int) -> Path:
         return self.dir / f"{n:04d}"
@@ -146,6 +162,7 @@ class Coordinator:
     def start(self) -> None:
         """Create the folder and start beating (a daemon thread: it only writes a file)."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._read_lead()
         self._beat()
         self._thread = threading.Thread(target=self._beat_loop, name="ftrain-node-heartbeat", daemon=True)
         self._thread.start()
@@ -185,6 +202,7 @@ class Coordinator:
             if mark is not None and (seen is None or seen[0] != mark):
                 self._seen[node] = (mark, now)
                 self._absent.discard(node)   # it beats (again)
+                self.gone.discard(node)
                 continue
             if seen is not None:
                 silent = now - seen[1]
@@ -195,8 +213,51 @@ class Coordinator:
         return lost
 
     def _watched(self) -> list[int] | None:
-        """Node 0 watches every node; the others watch node 0 (it tells them about the rest)."""
-        return None if self.spec.leader else [0]
+        """The deciding node watches every node; the others watch it (it tells them about the rest)."""
+        return None if self.is_lead else [self.lead]
+
+    # ---------------------------------------------------------------- the deciding role
+    def _read_lead(self) -> None:
+        """Who decides now: ``coord/lead.json`` where a node took over, else node 0."""
+        data = _read_quiet(self.dir / "lead.json")
+        node = data.get("node") if data else None
+        if type(node) is int and 0 <= node < self.spec.nnodes:
+            self.lead = node
+            host = data.get("host") if data else None
+            self.lead_host = host if isinstance(host, str) else None
+
+    def take_over(self, n: int, lost: int) -> bool:
+        """The deciding node ``lost`` is gone during attempt ``n``: in an elastic job the
+        lowest node left that still beats decides from now on. True when that is this node
+        (it wrote ``coord/lead.json``); the others follow the new one."""
+        self.gone.add(lost)
+        if not self.spec.elastic:
+            return False
+        left = [k for k in range(self.spec.nnodes) if k not in self.gone]
+        silent = self.lost_nodes([k for k in left if k < self.node], never_seen_after=self.spec.node_timeout)
+        self.gone.update(silent)
+        self.lead = min(k for k in range(self.spec.nnodes) if k not in self.gone)
+        if not self.is_lead:
+            self.say(f"node {lost} lost: node {self.lead} decides from attempt {n} on", "warn")
+            return False
+        self.lead_host = socket.gethostname()
+        write_json_atomic(self.dir / "lead.json", {"node": self.node, "host": self.lead_host, "attempt": n,
+                                                   "after": lost, "t": time.time()}, durable=True)
+        self.say(f"node {lost}, which decided, is lost: this node (node {self.node}) decides from attempt {n} on",
+                 "warn")
+        return True
+
+    def rdzv_endpoint(self) -> str | None:
+        """Where the next rendezvous is served: the spec's endpoint, but on the deciding
+        node's host once the role moved off node 0 (a loopback endpoint stays: every node is
+        on this machine)."""
+        endpoint = self.spec.rdzv_endpoint
+        if endpoint is None or self.lead == 0 or not self.lead_host:
+            return endpoint
+        host, _, port = endpoint.rpartition(":")
+        if host in ("localhost", "::1", "[::1]") or host.startswith("127."):
+            return endpoint
+        return f"{self.lead_host}:{port}"
 
     def _outcome(self, path: Path) -> NodeOutcome | None:
         """Another node's outcome, or None while it is missing or unreadable (warned once)."""
@@ -216,7 +277,7 @@ class Coordinator:
         rendezvous waits for it (bounded by the hang detector's startup allowance)."""
         self._attempt = n
         self.attempt_dir(n).mkdir(parents=True, exist_ok=True)
-        self._absent = set(self.lost_nodes(self._watched()))
+        self._absent = set(self.lost_nodes(self._watched())) | (self.gone if self.spec.elastic else set())
 
     def peer_trouble(self, n: int) -> Anomaly | None:
         """Another node's attempt ``n`` failed, or a node went silent: stop ours now."""
@@ -269,14 +330,18 @@ class Coordinator:
         """
         mine = NodeOutcome(self.node, failure, secondary, t_fail)
         self.publish_outcome(n, mine)
-        if not self.spec.leader:
+        if not self.is_lead:
             if interrupted():
                 return Verdict(failure, None, must_decide=False)
-            return self._follow(n, failure, interrupted)
+            verdict = self._follow(n, failure, interrupted)
+            if verdict is not None:
+                return verdict
+            if interrupted():   # took the role over, then was interrupted
+                return Verdict(failure, None, must_decide=False)
         verdict = None if interrupted() else self._lead(n, mine, interrupted)
         if verdict is None:   # tell the others now rather than by falling silent
-            stop = Decision(Action.STOP, reason=f"node 0 was interrupted during attempt {n}; resume every "
-                                                "node's run folder to continue")
+            stop = Decision(Action.STOP, reason=f"node {self.node} was interrupted during attempt {n}; resume "
+                                                "every node's run folder to continue")
             self._write_decision(n, {"node": self.node, "failure": failure.to_json() if failure else None,
                                      "decision": stop.to_json()})
             return Verdict(failure, None, must_decide=False)
@@ -285,8 +350,11 @@ class Coordinator:
     def _lead(self, n: int, mine: NodeOutcome, interrupted: Callable[[], bool]) -> Verdict | None:
         folder = self.attempt_dir(n)
         outcomes: dict[int, NodeOutcome] = {self.node: mine}
-        waiting = set(range(self.spec.nnodes)) - {self.node}
-        lost: dict[int, float] = {}
+        # an elastic job's attempt is over the nodes that joined it: not one lost before it began
+        absent = self._absent if self.spec.elastic else set()
+        waiting = set(range(self.spec.nnodes)) - {self.node} - absent
+        lost: dict[int, float] = {k: silent for k, silent in self._lost_lead.items() if k in waiting}
+        waiting -= lost.keys()
         if waiting:
             self.say(f"waiting for the other {len(waiting)} node(s) to report attempt {n}", "info")
         self._watch_from = time.monotonic()
@@ -317,18 +385,20 @@ class Coordinator:
         return Verdict(root, None, must_decide=True)
 
     def announce(self, n: int, failure: Failure, decision: Decision) -> None:
-        """Node 0, once its loop decided (and set checkpoints aside): the others may go on."""
+        """The deciding node, once its loop decided (and set checkpoints aside): the others may go on."""
         record = self._pending.pop(n, {"node": None})
         self._write_decision(n, {**record, "failure": failure.to_json(), "decision": decision.to_json()})
 
     def _write_decision(self, n: int, record: dict[str, Any]) -> None:
         folder = self.attempt_dir(n)
         folder.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(folder / "decision.json", {"attempt": n, **record}, durable=True)
+        write_json_atomic(folder / "decision.json", {"attempt": n, "leader": self.node, **record}, durable=True)
 
-    def _follow(self, n: int, failure: Failure | None, interrupted: Callable[[], bool]) -> Verdict:
+    def _follow(self, n: int, failure: Failure | None, interrupted: Callable[[], bool]) -> Verdict | None:
+        """Wait for the deciding node's verdict on attempt ``n``. None: that node was lost
+        and this one took its role over (``take_over``); its loop decides the attempt."""
         path = self.attempt_dir(n) / "decision.json"
-        self.say(f"waiting for node 0's decision on attempt {n}", "info")
+        self.say(f"waiting for node {self.lead}'s decision on attempt {n}", "info")
         self._watch_from = time.monotonic()
         while True:
             found = read_decision(path)
@@ -336,10 +406,20 @@ class Coordinator:
                 break
             if interrupted():
                 return Verdict(failure, None, must_decide=False)
-            lost = self.lost_nodes([0], never_seen_after=self.spec.node_timeout)
-            if 0 in lost:
-                reason = (f"node 0 lost while this node waited for its decision on attempt {n} "
-                          f"(no heartbeat for {lost[0]:.1f} s); resume this node when node 0 is back")
+            lead = self.lead
+            lost = self.lost_nodes([lead], never_seen_after=self.spec.node_timeout)
+            if lead in lost:
+                if self.take_over(n, lead):
+                    self._lost_lead = {lead: lost[lead]}
+                    return None
+                if self.lead != lead:    # another node decides now: wait for it
+                    self._watch_from = time.monotonic()
+                    continue
+                reason = (f"node {lead} lost while this node waited for its decision on attempt {n} "
+                          f"(no heartbeat for {lost[lead]:.1f} s); resume this node when node {lead} is back"
+                          + ("" if self.spec.elastic else
+                             f" (--nnodes {self.spec.nnodes} is fixed: --nnodes MIN:{self.spec.nnodes} would "
+                             "let the others go on without it)"))
                 return Verdict(failure or Failure(FailureKind.KILLED, evidence=(reason,)),
                                Decision(Action.STOP, reason), must_decide=False)
             time.sleep(self.POLL)
@@ -353,10 +433,12 @@ class Coordinator:
 
     # ---------------------------------------------------------------- rejoining
     def before_attempt(self, state: RunState) -> RunState:
-        """Node 0: publish the state it starts the next attempt from. Others: node 0's state
-        when it is as far or further (this node missed decisions while it was down)."""
+        """The deciding node: publish the state it starts the next attempt from. Others: its
+        state when it is as far or further (this node missed decisions while it was down)."""
         nxt = state.attempt + 1
-        if self.spec.leader:
+        self._lost_lead = {}
+        self._read_lead()
+        if self.is_lead:
             self.attempt_dir(nxt).mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.attempt_dir(nxt) / "state.json", state.to_json(), durable=True)
             return state
@@ -375,7 +457,7 @@ class Coordinator:
             if leader.attempt + 1 < nxt:
                 return state
             if leader.attempt + 1 > nxt:
-                self.say(f"rejoining the job at attempt {leader.attempt + 1} (node 0's state)", "warn")
+                self.say(f"rejoining the job at attempt {leader.attempt + 1} (node {self.lead}'s state)", "warn")
             return leader
         return state
 
@@ -444,7 +526,10 @@ class Nodes(Ranks):
         self.coordinator.close()
 
     def before_attempt(self, state: RunState) -> RunState:
-        return self.coordinator.before_attempt(state)
+        state = self.coordinator.before_attempt(state)
+        self.serves_rendezvous = self.coordinator.is_lead   # the deciding node serves the rendezvous
+        self.rdzv_endpoint = self.coordinator.rdzv_endpoint()
+        return state
 
     def started(self, n: int, attempt_dir: Path, pid: int) -> None:
         super().started(n, attempt_dir, pid)

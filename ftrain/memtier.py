@@ -9,7 +9,7 @@ When an attempt fails, ``promote`` copies the newest usable snapshot into ``chec
 (hashed on the way and checked against its manifest, fsynced, renamed into place: an
 ordinary checkpoint for resume, ``inspect``, retention and rollbacks), then ``clear``
 empties the tier but for the promoted snapshot, which the restarted attempt loads from
-memory (``ftrain.load_checkpoint``: same name, same sha256); the run's end removes it.
+memory (``ftrain.load_checkpoint``: same name, same digest); the run's end removes it.
 Nothing here imports torch: the supervisor only moves and checksums bytes.
 """
 
@@ -36,6 +36,7 @@ __all__ = ["MemoryTier", "Promotion", "promote_newest", "snapshot_limit"]
 
 SHM_ROOT = Path("/dev/shm")
 _CHUNK = 8 << 20
+OWNER = ".run-dir"   # in a tier: the run folder it belongs to (sweep_orphans)
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,8 @@ class MemoryTier:
 
     def __init__(self, run_dir: Path, *, overhead: float = 0.02, root: Path | None = None) -> None:
         base = root if root is not None else Path(os.environ.get("FTRAIN_SHM_ROOT") or SHM_ROOT)
-        key = hashlib.sha256(str(Path(run_dir).absolute()).encode()).hexdigest()[:16]
+        self.run_dir = Path(run_dir).absolute()
+        key = hashlib.sha256(str(self.run_dir).encode()).hexdigest()[:16]
         self.dir = base / f"ftrain-{os.getuid()}-{key}"
         self.overhead = overhead
         self.available = False
@@ -73,7 +75,32 @@ class MemoryTier:
         except OSError:
             return False
         self.available = stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+        if self.available:
+            try:
+                (self.dir / OWNER).write_text(str(self.run_dir))
+            except OSError:
+                pass
+            self.sweep_orphans()
         return self.available
+
+    def sweep_orphans(self) -> list[Path]:
+        """Remove the tiers of this user whose run folder is gone (a supervisor killed, then
+        its folder deleted: nothing would ever resume it). A tier whose run folder still
+        exists is kept for its ``resume``; one without an owner note is left alone."""
+        removed = []
+        for tier in self.dir.parent.glob(f"ftrain-{os.getuid()}-*"):
+            if tier == self.dir:
+                continue
+            try:
+                owner = Path((tier / OWNER).read_text()[:4096])
+                st = os.lstat(tier)
+            except (OSError, ValueError):
+                continue
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and owner.is_absolute() \
+                    and not (owner / "journal.jsonl").exists():
+                shutil.rmtree(tier, ignore_errors=True)
+                removed.append(tier)
+        return removed
 
     def env(self) -> dict[str, str]:
         """What the child needs: the folder and the overhead budget."""
@@ -128,10 +155,11 @@ class MemoryTier:
         data_tmp = checkpoint_dir / ckptfmt.temp_name(data.name, pid)
         manifest_tmp = checkpoint_dir / ckptfmt.temp_name(manifest.name, pid)
         meta = json.loads(snap.manifest.read_bytes())
+        algorithm, expected = ckptfmt.digest_of(meta) or ("sha256", "")
         try:
-            digest, size = _copy_hashed(snap.path, data_tmp)
-            if digest != meta.get("sha256") or size != meta.get("bytes"):
-                raise OSError(f"{snap.path}: changed while it was copied (sha256 or size differ)")
+            digest, size = _copy_hashed(snap.path, data_tmp, algorithm)
+            if digest != expected or size != meta.get("bytes"):
+                raise OSError(f"{snap.path}: changed while it was copied ({algorithm} or size differ)")
             if manifest.exists():
                 manifest.unlink()
             os.replace(data_tmp, data)
@@ -162,7 +190,7 @@ class MemoryTier:
                 names = [e.name for e in entries]
         except OSError:
             return
-        kept = {ckptfmt.data_name(keep), ckptfmt.manifest_name(keep)} if keep is not None else set()
+        kept = {OWNER} | ({ckptfmt.data_name(keep), ckptfmt.manifest_name(keep)} if keep is not None else set())
         for name in names:
             if name in kept:
                 continue
@@ -177,9 +205,12 @@ class MemoryTier:
         self.available = False
 
 
-def _copy_hashed(src: Path, dst: Path) -> tuple[str, int]:
-    """Copy ``src`` to a new ``dst`` (fsynced), hashing the bytes on the way."""
-    digest = hashlib.sha256()
+def _copy_hashed(src: Path, dst: Path, algorithm: str) -> tuple[str, int]:
+    """Copy ``src`` to a new ``dst`` (fsynced), hashing the bytes on the way (``algorithm``:
+    the snapshot manifest's); ValueError when it cannot be computed here."""
+    digest = ckptfmt.hasher(algorithm)
+    if digest is None:
+        raise ValueError(f"{src}: its digest ({algorithm}) cannot be computed here")
     size = 0
     fd_in = os.open(src, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
@@ -200,17 +231,19 @@ def _copy_hashed(src: Path, dst: Path) -> tuple[str, int]:
 
 
 def snapshot_limit(failure: Failure | None, policy: Policy) -> int | None:
-    """The newest step a snapshot may have to be used after ``failure``: before an
-    anomaly's step (a snapshot taken at or after the NaN is poisoned), and the rule's
-    rollback margin before that; None (any) for a crash or a stop request."""
+    """The newest step a snapshot may have to be used after ``failure``: before the step
+    of a bad value (a snapshot taken at or after the NaN is poisoned), and the rule's
+    rollback margin before that; None (any) for a crash, a hang, a straggler or a stop
+    request: the state of the last step taken is sound (a hung job's last snapshot, of the
+    step it logged before it hung, is the one to resume from)."""
     if failure is None or failure.step is None:
         return None
-    from ftrain.kinds import ANOMALY_KINDS
+    from ftrain.kinds import FailureKind
     from ftrain.policy import Action
 
     rule = policy.rule_for(failure.kind)
     limit: int | None = None
-    if failure.kind in ANOMALY_KINDS:
+    if failure.kind in (FailureKind.NONFINITE, FailureKind.THRESHOLD, FailureKind.SPIKE):
         limit = failure.step - 1
     if rule is not None and rule.action is Action.ROLLBACK:
         limit = failure.step - rule.margin

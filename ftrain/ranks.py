@@ -354,6 +354,10 @@ class Ranks:
         self.run_dir = Path(run_dir)
         self._job_dir = Path(job_dir) if job_dir is not None else self.run_dir
         self.watch = RankWatch(self.run_dir / "heartbeat", multi_node=spec.multi_node, straggler=straggler)
+        # several nodes: whether this node's torchrun serves the rendezvous, and where (set by
+        # ``ftrain.coord.Nodes`` when the deciding role moves); None: the spec's own
+        self.serves_rendezvous: bool | None = None
+        self.rdzv_endpoint: str | None = None
 
     @property
     def job_dir(self) -> Path:
@@ -382,7 +386,8 @@ class Ranks:
 
     def wrap(self, command: Sequence[str], n: int, attempt_dir: Path) -> tuple[str, ...]:
         # absolute: torchrun runs in the script's folder, which need not be ours
-        return torchrun_command(self.spec, command, Path(attempt_dir).resolve() / "ranks", rdzv_id=self.rdzv_id(n))
+        return torchrun_command(self.spec, command, Path(attempt_dir).resolve() / "ranks", rdzv_id=self.rdzv_id(n),
+                                serve=self.serves_rendezvous, rdzv_endpoint=self.rdzv_endpoint)
 
     def started(self, n: int, attempt_dir: Path, pid: int) -> None:
         self.watch.start(attempt_dir, pid)

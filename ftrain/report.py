@@ -283,10 +283,12 @@ def inspect_path(path: Path, *, as_json: bool, plot: Path | None) -> int:
     if (path / "journal.jsonl").exists():
         story = run_story(path)
         wrote = plot_run(path, plot) if plot is not None else None
+        tier = memory_report(path)
         if as_json:
-            print(json.dumps(story.to_json(), indent=2, default=str))
+            print(json.dumps(dict(story.to_json(), memory=tier), indent=2, default=str))
         else:
             print_story(story)
+            print_memory(tier)
         if wrote is not None:   # on stderr under --json, which keeps stdout one JSON document
             print(f"plot written to {wrote}", file=sys.stderr if as_json else sys.stdout)
         return 0
@@ -310,6 +312,47 @@ def inspect_path(path: Path, *, as_json: bool, plot: Path | None) -> int:
     else:
         print_checkpoints(path, found)
     return 0
+
+
+def memory_report(run_dir: Path) -> dict[str, Any]:
+    """The run's memory tier (``ftrain.snapshot``, DESIGN §3) for ``inspect``: the folder in
+    host shared memory, the bytes it holds now and how many complete snapshots, and the
+    checkpoints promoted from it (manifest ``"tier": "memory"``), each with the step of the
+    newest disk checkpoint before it: a crash resumed from disk would have gone back there."""
+    from ftrain.memtier import MemoryTier
+
+    tier = MemoryTier(run_dir)
+    held = [c for c in checkpoints.scan(tier.dir, verify=False) if c.status is checkpoints.CheckpointStatus.OK] \
+        if tier.dir.is_dir() else []
+    found = checkpoints.scan(run_dir / "checkpoints", verify=False)
+    promoted = []
+    for c in found:
+        if c.tier != "memory" or c.step is None:
+            continue
+        before = [d.step for d in found if d.tier == "disk" and d.step is not None and d.step < c.step]
+        disk = max(before, default=None)
+        promoted.append({"step": c.step, "path": str(c.path), "bytes": c.bytes, "status": c.status.value,
+                         "disk_step_before": disk, "steps_saved": c.step - (disk if disk is not None else -1)})
+    return {"dir": str(tier.dir), "exists": tier.dir.is_dir(), "bytes": tier.usage(), "snapshots": len(held),
+            "snapshot_steps": [c.step for c in held], "promoted": promoted}
+
+
+def print_memory(tier: dict[str, Any]) -> None:
+    """The memory tier's lines under the story (nothing when the run never used it)."""
+    if not tier["exists"] and not tier["promoted"]:
+        return
+    console = _console()
+    if tier["exists"]:
+        steps = ", ".join(str(s) for s in tier["snapshot_steps"])
+        console.print(f"memory tier: {_size(tier['bytes'])} in {tier['dir']}, {tier['snapshots']} snapshot(s) held"
+                      + (f" (step {steps})" if steps else ""))
+    else:
+        console.print("memory tier: nothing held in host memory (released)")
+    for p in tier["promoted"]:
+        disk = p["disk_step_before"]
+        since = f"disk had step {disk}" if disk is not None else "no checkpoint on disk before it"
+        console.print(f"  step {p['step']} promoted from memory ({p['status']}): {p['steps_saved']} step(s) "
+                      f"not redone ({since})")
 
 
 def list_runs(path: Path) -> list[dict[str, Any]]:
@@ -347,10 +390,9 @@ def list_runs(path: Path) -> list[dict[str, Any]]:
 
 
 def print_runs(path: Path, runs: Sequence[dict[str, Any]]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = _console()
     table = Table(title=f"{path}: {len(runs)} run folder(s)", title_justify="left")
     for col in ("run", "status", "attempts", "last step"):
         table.add_column(col, justify="right" if col in ("attempts", "last step") else "left", no_wrap=True)
@@ -362,10 +404,9 @@ def print_runs(path: Path, runs: Sequence[dict[str, Any]]) -> None:
 
 
 def print_story(story: RunStory) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = _console()
     table = Table(title=f"{story.run_dir}", title_justify="left")
     for col in ("#", "start", "ran", "1st step", "steps", "lost", "from", "ended", "then"):
         table.add_column(col, justify="right" if col in ("#", "lost", "from") else "left", no_wrap=True)
@@ -410,10 +451,9 @@ def print_story(story: RunStory) -> None:
 
 
 def print_checkpoints(path: Path, found: Sequence[checkpoints.Checkpoint]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = _console()
     chosen = checkpoints.newest_usable(found)
     best = _pinned_best(path, found)
     foreign = any(ckptfmt.parse_step(Path(c.path).name) is None for c in found)
@@ -482,3 +522,17 @@ def plot_run(run_dir: Path, out: Path, metrics: Iterable[str] | None = None) -> 
     from ftrain.plot import plot_run as draw
 
     return draw(run_dir, out, metrics)
+
+
+PIPED_WIDTH = 160   # columns of inspect's tables in a pipe or a file: rich's 80 cut the "then" column
+
+
+def _console() -> Any:
+    """A rich console on stdout: the terminal's width, else COLUMNS, else PIPED_WIDTH."""
+    import os
+
+    from rich.console import Console
+
+    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
+        return Console()
+    return Console(width=PIPED_WIDTH)

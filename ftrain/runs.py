@@ -53,7 +53,7 @@ def base_config(config_path: Path | None, sets: Sequence[str]) -> dict[str, Any]
 
 def start_run(*, script: str, script_args: tuple[str, ...], policy_path: Path | None,
               config_path: Path | None, sets: tuple[str, ...], run_dir: Path | None, inject: str | None,
-              no_ui: bool, tensorboard: Path | None, nproc_per_node: int, nnodes: int, node_rank: int,
+              no_ui: bool, tensorboard: Path | None, nproc_per_node: int, nnodes: int | str, node_rank: int,
               rdzv_endpoint: str | None) -> int:
     """Check everything, then supervise a new run. Returns the exit status."""
     policy = load_policy(policy_path)
@@ -68,7 +68,7 @@ def start_run(*, script: str, script_args: tuple[str, ...], policy_path: Path | 
 
         require_tensorboard()
     spec = None
-    if nproc_per_node != 1 or nnodes != 1 or rdzv_endpoint or _DIST_ENV & os.environ.keys():
+    if nproc_per_node != 1 or str(nnodes).strip() != "1" or rdzv_endpoint or _DIST_ENV & os.environ.keys():
         from ftrain.torchrun import DistSpec  # only then: it costs start-up time
 
         spec = DistSpec.from_cli(nproc_per_node, nnodes, node_rank, rdzv_endpoint)

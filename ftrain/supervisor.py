@@ -316,6 +316,7 @@ class Supervisor:
                 self._journal_failure(n, judged.failure)
             if watch.config_defaults is not None:   # what a policy's `scale` reads without --config
                 self.state.defaults = watch.config_defaults
+                self._total = self._total or total_steps(self.state.defaults)
             if watch.unknown_overrides:
                 self._say(f"the script's config has no {', '.join(watch.unknown_overrides)}: the "
                           "override reached the script, which may not use it", "warn")
@@ -440,7 +441,7 @@ class Supervisor:
         except OSError as exc:
             raise WriteFailed(f"{exc.filename or config_path}: cannot write: {exc.strerror or exc}") from exc
         self._clean_leftovers()
-        self._total = total_steps(self.state.config)
+        self._total = total_steps(self.state.config) or total_steps(self.state.defaults)
         env = upkeep.child_env(n, run_dir=self.run_dir, config_path=config_path, metrics_path=self.metrics_path,
                                checkpoint_dir=self.checkpoint_dir, state=self.state, extra=self.memory.env())
         command = self.topology.wrap(self.launch.command, n, attempt_dir)
@@ -544,7 +545,8 @@ class Supervisor:
                 return None, True
             if now - last_status >= STATUS_EVERY:
                 last_status = now
-                self.report.status(Progress(n, watch.last_step, watch.metrics, watch.rate, self._total,
+                total = self._total or total_steps(watch.config_defaults or {})   # learnt as attempt 1 runs
+                self.report.status(Progress(n, watch.last_step, watch.metrics, watch.rate, total,
                                             self.state.restarts, self.policy.max_restarts, self._last_event))
             if child.woken and watch.steps != seen and not talk.backlog:
                 time.sleep(COALESCE)  # let a busy stream gather: one look per COALESCE, not per line

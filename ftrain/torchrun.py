@@ -27,9 +27,10 @@ from ftrain.errors import UsageError
 from ftrain.files import read_bounded
 from ftrain.outcome import RankReport
 
-__all__ = ["DistSpec", "ErrorFile", "ReportedFailure", "entry_command", "parse_report", "rank_folders",
-           "rank_reports", "read_error_file", "report_root", "split_command", "torchrun_command"]
+__all__ = ["DistSpec", "ErrorFile", "ReportedFailure", "entry_command", "parse_nnodes", "parse_report",
+           "rank_folders", "rank_reports", "read_error_file", "report_root", "split_command", "torchrun_command"]
 
+LAST_CALL = 3.0            # seconds an elastic rendezvous waits for more nodes once MIN have joined
 MONITOR_INTERVAL = 0.1      # seconds between torchrun's looks at its ranks
 TAIL_LINES = 200            # lines of each rank log given to the classifier
 TAIL_BYTES = 256 * 1024     # read at most this much of the end of a rank log
@@ -44,7 +45,9 @@ class DistSpec:
     ``rdzv_endpoint`` is where the c10d rendezvous of several machines lives
     (``HOST:PORT``, served by node 0's torchrun); ``rdzv_id`` names the job there (each
     attempt adds its number, so attempts never mix); ``node_timeout`` is how long a node's
-    heartbeat in ``coord/`` may be silent before the others count it as lost.
+    heartbeat in ``coord/`` may be silent before the others count it as lost. ``min_nodes``
+    (torchrun's ``--nnodes MIN:MAX``, ``nnodes`` being MAX) says the script may go on with
+    fewer machines: an attempt after a node was lost runs on the nodes that remain.
     """
 
     nproc_per_node: int = 1
@@ -53,12 +56,15 @@ class DistSpec:
     rdzv_endpoint: str | None = None
     rdzv_id: str | None = None
     node_timeout: float = 30.0
+    min_nodes: int | None = None
 
     def __post_init__(self) -> None:
         if self.nproc_per_node < 1:
             raise UsageError(f"--nproc-per-node {self.nproc_per_node}: needs at least 1")
         if self.nnodes < 1:
             raise UsageError(f"--nnodes {self.nnodes}: needs at least 1")
+        if self.min_nodes is not None and not 1 <= self.min_nodes <= self.nnodes:
+            raise UsageError(f"--nnodes {self.min_nodes}:{self.nnodes}: MIN must be in 1..MAX")
         if not 0 <= self.node_rank < self.nnodes:
             raise UsageError(f"--node-rank {self.node_rank}: must be in 0..{self.nnodes - 1} for --nnodes "
                              f"{self.nnodes}")
@@ -76,11 +82,21 @@ class DistSpec:
 
     @property
     def leader(self) -> bool:
-        """Node 0 decides for every node."""
+        """Node 0 decides for every node, until it is lost (``ftrain.coord``)."""
         return self.node_rank == 0
 
+    @property
+    def elastic(self) -> bool:
+        """The job may go on with fewer machines (``--nnodes MIN:MAX``, MIN < MAX)."""
+        return self.min_nodes is not None and self.min_nodes < self.nnodes
+
+    @property
+    def nnodes_text(self) -> str:
+        """``--nnodes`` as torchrun takes it: ``N`` or ``MIN:MAX``."""
+        return f"{self.min_nodes}:{self.nnodes}" if self.elastic else str(self.nnodes)
+
     @classmethod
-    def from_cli(cls, nproc_per_node: int, nnodes: int, node_rank: int, rdzv_endpoint: str | None,
+    def from_cli(cls, nproc_per_node: int, nnodes: int | str, node_rank: int, rdzv_endpoint: str | None,
                  env: Mapping[str, str] | None = None) -> DistSpec | None:
         """The spec from the command line, completed from the environment; None for one process.
 
@@ -100,10 +116,15 @@ class DistSpec:
                     return int(text)
             return None
 
+        min_nodes, nnodes = parse_nnodes(nnodes)
         if nproc_per_node == 1:
             nproc_per_node = number("PET_NPROC_PER_NODE") or 1
-        if nnodes == 1:
-            nnodes = number("PET_NNODES", "SLURM_STEP_NUM_NODES") or 1
+        if nnodes == 1:   # torchrun's own variable may be MIN:MAX too
+            pet = env.get("PET_NNODES", "").strip()
+            if pet:
+                min_nodes, nnodes = parse_nnodes(pet)
+            else:
+                min_nodes = nnodes = number("SLURM_STEP_NUM_NODES") or 1
         if nnodes > 1 and node_rank == 0:
             node_rank = number("PET_NODE_RANK", "SLURM_NODEID") or 0
         if nnodes > 1 and not rdzv_endpoint:
@@ -123,11 +144,13 @@ class DistSpec:
         if not node_timeout > 0:
             raise UsageError(f"FTRAIN_NODE_TIMEOUT={timeout_text!r}: must be above 0")
         return cls(nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank,
-                   rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id, node_timeout=node_timeout)
+                   rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id, node_timeout=node_timeout,
+                   min_nodes=min_nodes if min_nodes != nnodes else None)
 
     def to_json(self) -> dict[str, Any]:
         return {"nproc_per_node": self.nproc_per_node, "nnodes": self.nnodes, "node_rank": self.node_rank,
-                "rdzv_endpoint": self.rdzv_endpoint, "rdzv_id": self.rdzv_id, "node_timeout": self.node_timeout}
+                "rdzv_endpoint": self.rdzv_endpoint, "rdzv_id": self.rdzv_id, "node_timeout": self.node_timeout,
+                "min_nodes": self.min_nodes}
 
     @classmethod
     def from_json(cls, data: Any) -> DistSpec:
@@ -146,6 +169,10 @@ class DistSpec:
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"{key}: expected a string, got {value!r}"[:200])
             fields[key] = value
+        least = data.get("min_nodes")
+        if least is not None and type(least) is not int:
+            raise ValueError(f"min_nodes: expected an integer, got {least!r}"[:200])
+        fields["min_nodes"] = least
         timeout = data.get("node_timeout", 30.0)
         if type(timeout) not in (int, float) or not 0 < timeout < float("inf"):
             raise ValueError(f"node_timeout: expected seconds above 0, got {timeout!r}"[:200])
@@ -156,22 +183,28 @@ class DistSpec:
 
 
 def torchrun_command(spec: DistSpec, command: Sequence[str], log_dir: Path, *, rdzv_id: str,
-                     monitor_interval: float = MONITOR_INTERVAL) -> tuple[str, ...]:
+                     monitor_interval: float = MONITOR_INTERVAL, serve: bool | None = None,
+                     rdzv_endpoint: str | None = None) -> tuple[str, ...]:
     """torchrun around ``command`` (a ``.py`` run by our interpreter, or any executable).
 
     torchrun's restarts are off (ftrain owns them); each rank's output goes to its file
-    under ``log_dir`` and, teed, to the console that ftrain reads.
+    under ``log_dir`` and, teed, to the console that ftrain reads. Several nodes: the
+    deciding node serves the rendezvous store (``serve``, default: node 0's) at
+    ``rdzv_endpoint`` (default: the spec's).
     """
     argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(spec.nproc_per_node),
             "--max-restarts", "0", "--monitor-interval", f"{monitor_interval:g}",
             "--log-dir", str(log_dir), "--redirects", "3", "--tee", "3"]
     if spec.multi_node:
         assert spec.rdzv_endpoint is not None
-        argv += ["--nnodes", str(spec.nnodes), "--node-rank", str(spec.node_rank), "--rdzv-backend", "c10d",
-                 "--rdzv-endpoint", spec.rdzv_endpoint, "--rdzv-id", rdzv_id,
-                 # node 0 serves the rendezvous store: no guessing from host names (on one
-                 # machine every node's name would match the endpoint)
-                 "--rdzv-conf", f"is_host={1 if spec.leader else 0}"]
+        serve = spec.leader if serve is None else serve
+        argv += ["--nnodes", spec.nnodes_text, "--node-rank", str(spec.node_rank), "--rdzv-backend", "c10d",
+                 "--rdzv-endpoint", rdzv_endpoint or spec.rdzv_endpoint, "--rdzv-id", rdzv_id,
+                 # the deciding node serves the rendezvous store: no guessing from host names
+                 # (on one machine every node's name would match the endpoint); an elastic job
+                 # closes its rendezvous soon after MIN nodes joined, not after torchrun's 30 s
+                 "--rdzv-conf", f"is_host={1 if serve else 0}"
+                 + (f",last_call_timeout={LAST_CALL:g}" if spec.elastic else "")]
     else:
         argv += ["--standalone"]
     if len(command) >= 2 and command[0] == sys.executable and command[1].endswith(".py"):
@@ -179,6 +212,18 @@ def torchrun_command(spec: DistSpec, command: Sequence[str], log_dir: Path, *, r
     else:
         argv += ["--no-python", *command]
     return tuple(argv)
+
+
+def parse_nnodes(value: int | str) -> tuple[int, int]:
+    """``--nnodes`` as ``(MIN, MAX)``: ``N`` is ``(N, N)``, ``MIN:MAX`` as torchrun takes it."""
+    text = str(value).strip()
+    low, sep, high = text.partition(":")
+    if not low.isdigit() or (sep and not high.isdigit()):
+        raise UsageError(f"--nnodes {text!r}: expected N or MIN:MAX (whole numbers)")
+    least, most = int(low), int(high) if sep else int(low)
+    if least > most:
+        raise UsageError(f"--nnodes {text}: MIN is above MAX")
+    return least, most
 
 
 # torchrun_command's own flags: those with a value, and those without

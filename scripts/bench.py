@@ -586,6 +586,178 @@ def bench_warm(tmp: Path, steps: int) -> None:
            f"per restart warm {', '.join(f'{x:.2f}' for x in firsts['warm'])}")
 
 
+SNAP_JOB = """
+# The snapshot bench's job: a 4 MB state changed by every step (w = 0.999 w + sin(k (step+1))),
+# ~50 ms a step, a durable checkpoint every `every` steps and, with train.snapshot, an
+# ftrain.snapshot every step. Each line logs what the previous step's snapshot blocked and
+# how long that step took; a resumed attempt prints how long its load took and, for the same
+# file on disk with a cold page cache, how long torch.load took. The end prints the state's
+# sha256: equal to a replay without faults when every resume was exact.
+import hashlib, json, os, sys, time
+import torch
+import ftrain
+
+cfg = ftrain.config(defaults={"train": {"steps": 300, "every": 50, "sleep": 0.045, "snapshot": True}})
+train = cfg["train"]
+torch.set_num_threads(1)
+k = torch.linspace(0, 1, 1_000_000)
+
+def fresh():
+    return torch.randn(1_000_000, generator=torch.Generator().manual_seed(0))
+
+def advance(w, step):
+    w.mul_(0.999).add_(torch.sin(k * (step + 1)))
+
+def digest(w):
+    return hashlib.sha256(w.numpy().tobytes()).hexdigest()
+
+if "--replay" in sys.argv:   # the fault-free state after N steps, without the supervisor
+    w = fresh()
+    for step in range(int(sys.argv[sys.argv.index("--replay") + 1])):
+        advance(w, step)
+    print("STATE", digest(w))
+    raise SystemExit(0)
+t0 = time.perf_counter()
+state = ftrain.load_checkpoint()
+load_s = time.perf_counter() - t0
+w, start = fresh(), 0
+if state is not None:
+    w, start = state["w"], state["step"] + 1
+    path = os.environ["FTRAIN_RESUME_FROM"]
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)   # drop it from the page cache
+    os.close(fd)
+    t0 = time.perf_counter()
+    torch.load(path, weights_only=True)
+    cold_s = time.perf_counter() - t0
+    shm = os.path.join(os.environ.get("FTRAIN_MEMORY_DIR", ""), os.path.basename(path))
+    memory_s = None
+    if os.path.exists(shm):   # the same bytes in host memory, read the same way
+        t0 = time.perf_counter()
+        torch.load(shm, weights_only=True)
+        memory_s = time.perf_counter() - t0
+    print("LOAD " + json.dumps({"step": state["step"], "load_s": load_s, "disk_cold_s": cold_s,
+                                "memory_s": memory_s}), flush=True)
+blocked = took = step_s = None
+for step in range(start, train["steps"]):
+    t0 = time.perf_counter()
+    advance(w, step)
+    time.sleep(train["sleep"])
+    extra = {} if step_s is None else {"blocked_s": blocked, "took": took, "step_s": step_s}
+    ftrain.log(step, loss=float(w[0]), **extra)
+    if step % train["every"] == 0:
+        ftrain.save_checkpoint({"w": w, "step": step}, step)
+    if train["snapshot"]:
+        t1 = time.perf_counter()
+        took = int(ftrain.snapshot({"w": w, "step": step}, step))
+        blocked = time.perf_counter() - t1
+    else:
+        took, blocked = 0, 0.0
+    step_s = time.perf_counter() - t0
+print("STATE", digest(w), flush=True)
+"""
+
+SNAP_POLICY = """
+version: 1
+max_restarts: 8
+no_progress: 1000
+backoff: 0s
+detect: {hang: false, spike: {}, nonfinite: []}
+rules:
+  - when: [segfault, killed, aborted, cuda_oom]
+    action: restart
+"""
+
+
+def bench_snapshot(tmp: Path, steps: int) -> None:
+    """ftrain.snapshot on a real job with 4 crashes (segfault, SIGKILL, abort, an OOM
+    exception), beside the same job with its durable checkpoints alone (every 50 steps):
+    steps redone per crash, the blocking share, the state exact, and the restart's read of
+    the resume point from host memory vs from disk with a cold page cache."""
+    job, policy = tmp / "snap_job.py", tmp / "snap_policy.yaml"
+    job.write_text(SNAP_JOB)
+    policy.write_text(SNAP_POLICY)
+    faults = ",".join(f"{kind}@{int(steps * f) + 7}" for kind, f in
+                      (("segv", 0.2), ("kill", 0.4), ("abort", 0.6), ("oom", 0.8)))
+    reference = subprocess.run([PY, str(job), "--replay", str(steps)], cwd=tmp, capture_output=True, text=True,
+                               env=_bare_env())
+    results: dict[str, dict[str, Any]] = {}
+    for name, on in (("snapshots", "true"), ("checkpoints only", "false")):
+        run = tmp / name.replace(" ", "-")
+        t0 = time.monotonic()
+        p = subprocess.run([PY, "-m", "ftrain", "run", str(job), "--policy", str(policy), "--no-ui",
+                            "--run-dir", str(run), "--set", f"train.steps={steps}", "--set", f"train.snapshot={on}",
+                            "--inject", faults], cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           env=_bare_env())
+        wall = time.monotonic() - t0
+        if p.returncode != 0:
+            print(p.stderr[-3000:])
+            return
+        results[name] = _snapshot_run(run) | {"wall": wall}
+    snap, disk = results["snapshots"], results["checkpoints only"]
+    want = reference.stdout.split()[-1] if reference.returncode == 0 and reference.stdout.strip() else None
+    exact = snap["state"] == disk["state"] and (want is None or snap["state"] == want)
+    report("snapshot_steps_redone_per_crash", max(snap["redone"]), "steps (worst of 4)", "<= 3",
+           f"per crash {snap['redone']}; checkpoints every 50 steps alone: {disk['redone']} "
+           f"(mean {statistics.mean(disk['redone']):.1f})")
+    report("snapshot_blocking_share_pct", snap["share"] * 100, "% of step time", "<= 2 %",
+           f"{snap['taken']} snapshots in {snap['steps']} steps of {snap['step_ms']:.1f} ms (median), "
+           f"median call {snap['blocked_ms']:.2f} ms, p99 {snap['blocked_p99_ms']:.2f} ms")
+    report("snapshot_state_exact", exact, "", "bit-exact",
+           f"final state sha256 {snap['state'][:12]}… with snapshots, {disk['state'][:12]}… without"
+           + (f", {want[:12]}… replayed without faults" if want else ""))
+    report("snapshot_resume_load_checkpoint_ms", statistics.median(snap["load_ms"]), "ms", "",
+           f"the restart's ftrain.load_checkpoint, read from host memory {snap['from_memory']}/"
+           f"{len(snap['load_ms'])} times; checkpoints-only run, from disk (page cache warm): "
+           f"{statistics.median(disk['load_ms']):.1f} ms (medians, first torch.load of the process)")
+    memory = [x for x in snap["memory_ms"] if x is not None]
+    if memory:
+        report("snapshot_read_memory_vs_cold_disk", statistics.median(memory) / statistics.median(snap["cold_ms"]),
+               "x", "", f"torch.load of the resume point from /dev/shm {statistics.median(memory):.2f} ms, "
+               f"the same file on disk with a cold page cache {statistics.median(snap['cold_ms']):.2f} ms")
+    report("snapshot_failure_to_first_step_s", statistics.median(snap["gap"]), "s", "",
+           f"resuming from a promoted snapshot; from the disk checkpoint: {statistics.median(disk['gap']):.2f} s "
+           f"(medians of 4); wall {snap['wall']:.1f} s vs {disk['wall']:.1f} s")
+
+
+def _bare_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("FTRAIN_")}
+
+
+def _snapshot_run(run: Path) -> dict[str, Any]:
+    """What one run of the snapshot bench's job shows: from its journal, metrics and logs."""
+    evts = [json.loads(line) for line in (run / "journal.jsonl").read_text().splitlines() if line.strip()]
+    fails = [e for e in evts if e["event"] == "failure"]
+    starts = [e for e in evts if e["event"] == "attempt_start"][1:]
+    redone = [f["step"] - (s["resume_step"] if s.get("resume_step") is not None else -1)
+              for f, s in zip(fails, starts)]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"step_s"' in line]
+    first: dict[int, float] = {}
+    for rec in (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()):
+        if isinstance(rec.get("step"), int) and "ftrain" not in rec:
+            first.setdefault(rec["attempt"], rec["t"])
+    gap = [first[s["attempt"]] - f["t"] for f, s in zip(fails, starts) if s["attempt"] in first]
+    loads, state, from_memory = [], "", 0
+    for log in sorted((run / "attempts").glob("*/output.log")):
+        text = log.read_text()
+        from_memory += "read from host memory" in text
+        for line in text.splitlines():
+            if line.startswith("LOAD "):
+                loads.append(json.loads(line[5:]))
+            elif line.startswith("STATE "):
+                state = line.split()[1]
+    blocked = sorted(r["blocked_s"] for r in lines if r["took"])
+    step_times = sorted(r["step_s"] for r in lines)
+    return {"redone": redone, "gap": gap, "state": state, "from_memory": from_memory,
+            "share": sum(r["blocked_s"] for r in lines) / sum(step_times), "taken": len(blocked),
+            "steps": len(lines), "step_ms": statistics.median(step_times) * 1e3,
+            "blocked_ms": statistics.median(blocked) * 1e3 if blocked else 0.0,
+            "blocked_p99_ms": blocked[int(len(blocked) * 0.99)] * 1e3 if blocked else 0.0,
+            "load_ms": [x["load_s"] * 1e3 for x in loads], "cold_ms": [x["disk_cold_s"] * 1e3 for x in loads],
+            "memory_ms": [x["memory_s"] * 1e3 if x["memory_s"] is not None else None for x in loads]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
@@ -605,6 +777,7 @@ def main() -> None:
         "checkpoint": lambda t: bench_checkpoint(t, 20 if q else 100),
         "warm": lambda t: bench_warm(t, 200 if q else 400),
         "goodput": lambda t: bench_goodput(t, 300 if q else 1200),
+        "snapshot": lambda t: bench_snapshot(t, 150 if q else 300),
     }
     import compileall
 

@@ -3,7 +3,8 @@ model on Tiny Shakespeare (shipped in scripts/data/), on the CPU, in well under 
 
 It uses the shim the way a real script would: config from ftrain, resume from the
 checkpoint ftrain hands it, overrides applied *after* loading (an old checkpoint must not
-undo a lowered learning rate), metrics through ftrain.log, periodic checkpoints, skip
+undo a lowered learning rate), metrics through ftrain.log, periodic checkpoints, a snapshot in host memory every
+step (``ftrain.snapshot``: a crash costs about a step, not half the checkpoint interval), skip
 windows, and a clean save-and-exit on preemption. It also runs without ftrain:
 ``python scripts/train_charlm.py``.
 """
@@ -151,6 +152,9 @@ def main() -> None:
         if ftrain.should_stop():
             print(f"asked to stop: saved step {step}, leaving", flush=True)
             return
+        # a copy in the supervisor's host memory, every step the budget allows: a crash
+        # resumes from it (about a step back) instead of from the last checkpoint
+        ftrain.snapshot({"model": model.state_dict(), "optim": opt.state_dict(), "step": step}, step)
     print(f"done: final loss {total:.3f}, eval loss {evaluate(model, held_out, cfg):.4f} ({time.time() - t0:.1f}s)",
           flush=True)
     if math.isnan(total):

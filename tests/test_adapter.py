@@ -17,7 +17,7 @@ import pytest
 import yaml
 from conftest import CHILDREN, ROOT, events, of, run_ftrain
 
-from ftrain.adapter import MissingCheckpoint, ScriptAdapter, render_value
+from ftrain.adapter import MissingCheckpoint, ScriptAdapter, TrainerLines, render_value
 from ftrain.checkpoints import CheckpointStatus
 from ftrain.errors import PolicyError
 from ftrain.kinds import Failure, FailureKind
@@ -85,6 +85,7 @@ script:
     ({"checkpoints": []}, "must be a glob pattern or a list of them"),
     ({"metrics_regex": "(?P<step>\\d+) (?P<t>\\S+)"}, "group name(s) t are reserved"),
     ({"config_file": ""}, "must be a file path"),
+    ({"metrics_dicts": "yes"}, "must be true or false"),
 ])
 def test_single_problems(section, message):
     errors = problems(section, {"a": {"lr": 1}, "b": {"lr": 2}})
@@ -98,7 +99,8 @@ def test_without_a_config_only_the_section_itself_is_checked():
     with pytest.raises(PolicyError) as info:
         ScriptAdapter.from_policy(section, source="p.yaml", config=None)
     assert info.value.errors == ["p.yaml:1: script.bogus: unknown key 'bogus' (expected one of: args, "
-                                 "config_file, env, resume_args, checkpoints, on_missing_checkpoint, metrics_regex)"]
+                                 "config_file, env, resume_args, checkpoints, on_missing_checkpoint, metrics_regex, "
+                                 "metrics_dicts)"]
 
 
 def test_a_valid_section_and_its_properties():
@@ -249,19 +251,20 @@ def test_checkpoints_by_name_or_by_the_step_logged_before_them(tmp_path):
     assert "logged before" in found[1].note
 
 
-def test_a_line_read_late_still_counts_as_logged_before_the_checkpoint(tmp_path):
-    """Progress lines read from the output are stamped when read, up to 100 ms (DESIGN's p99)
-    after they were written: lines stamped up to then after the file are taken as its step, the safe side
-    (a checkpoint taken for older than it is could let a rollback land too close to a NaN)."""
+def test_a_checkpoint_is_never_placed_after_the_step_it_was_written_at(tmp_path):
+    """The last line stamped at or before the file's mtime gives its step, whether the lines
+    were stamped when written (the shim) or when read (``metrics_regex``, up to 100 ms late):
+    lines stamped after the file are never taken, however close."""
     now = time.time()
     run = tmp_path / "run"
     _run_folder(run, now - 100, [(s, now - 10 + s * 0.03) for s in range(40)])   # a line per 30 ms
     _touch(tmp_path / "out" / "ckpt.pt", now - 10 + 20 * 0.03 + 0.001)          # just after step 20's line
     read = adapter({"checkpoints": "out/ckpt.pt", "metrics_regex": r"^iter (?P<step>\d+)"}, run_dir=run)
-    assert [(c.path.name, c.step) for c in read.checkpoints(tmp_path)] == [("ckpt.pt", 23)]   # 21-23: within 100 ms
-    # lines the shim wrote carry the time they were written: only the clock tick is allowed for
+    assert [(c.path.name, c.step) for c in read.checkpoints(tmp_path)] == [("ckpt.pt", 20)]
     written = adapter({"checkpoints": "out/ckpt.pt"}, run_dir=run)
     assert [(c.path.name, c.step) for c in written.checkpoints(tmp_path)] == [("ckpt.pt", 20)]
+    _touch(tmp_path / "out" / "ckpt.pt", now - 10 + 20 * 0.03 - 0.001)          # just before it
+    assert [c.step for c in written.checkpoints(tmp_path)] == [19]
 
 
 def test_checkpoints_without_a_run_folder_use_names_only(tmp_path):
@@ -416,3 +419,84 @@ def test_on_missing_checkpoint_fresh_starts_over(tmp_path):
     decision = of(evts, "decision")[0]
     assert decision["action"] == "restart" and decision["resume_from"] is None
     assert "--resume" not in of(evts, "attempt_start")[1]["command"]
+
+
+def test_a_script_checkpoint_is_placed_at_the_step_it_holds_not_at_the_lines_after_it(tmp_path):
+    """A real script writes out/ckpt.json after its step-20 line, then logs a line every 2 ms
+    and fails at 30: the lines after the file (read within 100 ms of it) do not move it
+    later; the restart resumes from the step the file holds."""
+    (tmp_path / "p.yaml").write_text("""version: 1
+backoff: 0s
+warm_start: false
+rules:
+  - when: exit_nonzero
+    action: restart
+script:
+  resume_args: "--resume {checkpoint}"
+  checkpoints: out/ckpt.json
+  metrics_regex: '^iter (?P<step>\\d+): loss (?P<loss>\\S+)'
+""")
+    p = run_ftrain("run", str(CHILDREN / "own_ckpt.py"), "--policy", "p.yaml", "--run-dir", "run", "--no-ui",
+                   "--", "20", "30", cwd=tmp_path, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    decision, = of(events(tmp_path / "run"), "decision")
+    held = json.loads((tmp_path / "out" / "ckpt.json").read_text())["step"]
+    assert held == 20 and decision["resume_from"] == str(tmp_path / "out" / "ckpt.json")
+    assert 17 <= decision["resume_step"] <= held, decision      # never past the step it holds
+    assert "resumed after step 20" in (tmp_path / "run" / "attempts" / "0002" / "output.log").read_text()
+
+
+TRAIN_BAR = "{:3d}%|█▌        | {}/{} [00:01<00:19,  9.87it/s]"
+
+
+def test_trainer_dicts_read_safely_at_the_training_bars_count():
+    """Dicts as Hugging Face's Trainer prints them: nan/inf read as such, strings and
+    booleans left out; the step is the training bar's latest count (an evaluation bar of
+    another total, or a dataset's bar with a description, is not followed); code, nesting
+    and overlong lines are never records."""
+    lines = TrainerLines()
+    assert lines.parse("Map: 100%|██████████| 300/300 [00:00<00:00, 9e3 examples/s]") is None
+    assert lines.parse(TRAIN_BAR.format(5, 10, 200)) == {"step": 10}        # a heartbeat
+    assert lines.parse(TRAIN_BAR.format(5, 10, 200)) is None                # redrawn, not moved
+    record = lines.parse("{'loss': 2.3, 'grad_norm': 1.2, 'learning_rate': 5e-05, 'epoch': 0.5}")
+    assert record == {"step": 10, "loss": 2.3, "grad_norm": 1.2, "learning_rate": 5e-05, "epoch": 0.5}
+    lines.parse(TRAIN_BAR.format(6, 12, 200))
+    assert lines.parse(TRAIN_BAR.format(50, 4, 8)) is None                  # the eval bar
+    drawn = TRAIN_BAR.format(6, 12, 200) + "{'loss': nan, 'grad_norm': inf, 'x': -inf, 'm': 'adamw', 'ok': True}"
+    record = lines.parse(drawn)
+    assert record is not None and record["step"] == 12 and set(record) == {"step", "loss", "grad_norm", "x"}
+    assert math.isnan(record["loss"]) and record["grad_norm"] == math.inf and record["x"] == -math.inf
+    for bad in ("{'loss': __import__('os').system('true')}", "{'loss': [1, 2]}", "{'loss': (1)}",
+                "{'loss': open}", "{'loss': 1, " + "'a': 1, " * 600 + "}", "{'t': 1.0}", "{'loss': 'x'}",
+                "{'loss': 1.0} trailing words", "not {'loss': 1.0"):
+        assert lines.parse(bad) is None, bad
+    bare = TrainerLines()   # no bar drawn: the dict's number in the attempt
+    assert [bare.parse("{'loss': 1.0}")["step"], bare.parse("{'eval_loss': 2.0}")["step"]] == [1, 2]
+
+
+def test_a_trainer_scripts_nan_loss_is_seen_at_its_step(tmp_path):
+    """A real child prints what Hugging Face's Trainer prints (tqdm bar on stderr, the log
+    dict through ``bar.write(str(logs))`` every 5 steps) and logs loss nan at step 25: the
+    script's dicts are metrics at the bar's step, the NaN is the anomaly at step 25, and
+    the attempt is stopped at once, not when the bar closes at 40."""
+    (tmp_path / "p.yaml").write_text("""version: 1
+backoff: 0s
+warm_start: false
+rules:
+  - when: nonfinite
+    action: stop
+script:
+  metrics_dicts: true
+""")
+    p = run_ftrain("run", str(CHILDREN / "hf_log.py"), "--policy", "p.yaml", "--run-dir", "run", "--no-ui",
+                   "--", "40", "5", "25", cwd=tmp_path, timeout=60)
+    assert p.returncode == 1, p.stdout + p.stderr
+    evts = events(tmp_path / "run")
+    failure, = of(evts, "failure")
+    assert failure["kind"] == "nonfinite" and failure["step"] == 25, failure
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    assert logged[:4] == [(5, 0.6), (10, 0.3), (15, 0.2), (20, 0.15)] and logged[4][0] == 25, logged
+    assert math.isnan(logged[4][1]) and len(logged) == 5
+    assert max(r["step"] for r in records) <= 27          # stopped within 0.25 s of the NaN
+    assert [r["step"] for r in records if "loss" not in r][:6] == [0, 1, 2, 3, 4, 5]   # the bar: a heartbeat

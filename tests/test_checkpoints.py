@@ -59,12 +59,13 @@ def test_save_then_scan_is_ok_with_the_manifest(ckdir: Path) -> None:
     path = save(120, 2.5)
     assert path == ckdir / "step-00000120.pt"
     manifest = json.loads((ckdir / "step-00000120.json").read_text())
-    assert set(manifest) == {"step", "attempt", "t", "bytes", "sha256", "metrics"}
+    assert set(manifest) == {"step", "attempt", "t", "bytes", "digest", "metrics"}
+    assert manifest["digest"].startswith("xxh3_128:") and len(manifest["digest"]) == 9 + 32
     assert manifest["step"] == 120 and manifest["bytes"] == path.stat().st_size
     ckpt, = scan(ckdir)
     assert ckpt.status is CheckpointStatus.OK and ckpt.note is None
     assert (ckpt.path, ckpt.step, ckpt.bytes, ckpt.metrics) == (path, 120, path.stat().st_size, {"loss": 2.5})
-    assert ckpt.sha256 == manifest["sha256"] and ckpt.manifest == ckdir / "step-00000120.json"
+    assert ckpt.digest == manifest["digest"] and ckpt.sha256 is None and ckpt.manifest == ckdir / "step-00000120.json"
     assert {"path", "step", "status", "bytes", "attempt", "metrics"} <= set(ckpt.to_json())
     assert ckpt.to_json()["status"] == "ok" and ckpt.to_json()["path"] == str(path)
     assert [p.name for p in ckdir.iterdir() if p.name.startswith(".")] == []
@@ -75,7 +76,7 @@ def test_a_flipped_byte_is_corrupt(ckdir: Path) -> None:
     scan(ckdir)                                   # fill the digest cache first
     flip_byte(path, path.stat().st_size // 2)
     ckpt, = scan(ckdir)
-    assert ckpt.status is CheckpointStatus.CORRUPT and "sha256" in (ckpt.note or "")
+    assert ckpt.status is CheckpointStatus.CORRUPT and "xxh3_128 does not match" in (ckpt.note or "")
 
 
 def test_a_truncated_file_is_corrupt(ckdir: Path) -> None:
@@ -172,7 +173,7 @@ def test_load_checkpoint_checks_the_size_against_the_manifest(ckdir: Path) -> No
 
 
 # --------------------------------------------------------------------------- how the data file is written
-def test_a_state_of_many_sizes_round_trips_with_a_matching_sha256(ckdir: Path) -> None:
+def test_a_state_of_many_sizes_round_trips_with_a_matching_digest(ckdir: Path) -> None:
     # Small records are gathered in the writer's buffers, large ones hashed beside the write:
     # the digest must cover every byte in file order whatever the mix.
     sizes = [1, 3, 1000, 70_000, 262_143, 262_144, 1 << 18, (1 << 20) // 4 - 1, 1 << 20, 5 << 20, 7, 3 << 18]
@@ -207,14 +208,14 @@ def test_the_save_skips_torchs_crc32_and_restores_the_setting(ckdir: Path, block
     assert scan(ckdir)[0].status is CheckpointStatus.OK
 
 
-def test_without_crc32_a_flipped_tensor_byte_is_still_caught_by_the_sha256(ckdir: Path) -> None:
+def test_without_crc32_a_flipped_tensor_byte_is_still_caught_by_the_digest(ckdir: Path) -> None:
     path = save(10, 1.0)
     data = bytearray(path.read_bytes())
     data[data.index(torch.full((4,), 1.0).numpy().tobytes()) + 2] ^= 0xFF
     path.write_bytes(bytes(data))
     assert not torch.equal(torch.load(path, weights_only=True)["w"], torch.full((1000,), 1.0))  # torch can't tell
     ckpt, = scan(ckdir)
-    assert ckpt.status is CheckpointStatus.CORRUPT and "sha256" in (ckpt.note or "")
+    assert ckpt.status is CheckpointStatus.CORRUPT and "xxh3_128" in (ckpt.note or "")
 
 
 def test_a_save_that_fails_before_writing_restores_the_crc32_setting(ckdir: Path) -> None:
@@ -388,3 +389,64 @@ def test_sigkill_during_saves_never_leaves_a_bad_checkpoint_that_looks_good(
 @pytest.mark.skipif(not os.environ.get("RUN_SLOW"), reason="slow: set RUN_SLOW=1")
 def test_sigkill_during_saves_many_times(saver: tuple[subprocess.Popen[str], Path]) -> None:
     _kill_during_saves(saver, iterations=200)
+
+
+# --------------------------------------------------------------------------- the manifest's digest
+def test_an_old_sha256_manifest_still_verifies_and_a_flipped_byte_in_it_is_caught(ckdir: Path) -> None:
+    import hashlib
+
+    path = save(30, 3.0)
+    manifest = ckdir / "step-00000030.json"
+    meta = json.loads(manifest.read_text())
+    del meta["digest"]
+    meta["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()    # as manifests were written before
+    manifest.write_text(json.dumps(meta))
+    ckpt, = scan(ckdir)
+    assert ckpt.status is CheckpointStatus.OK and ckpt.sha256 == meta["sha256"]
+    assert ckpt.digest == "sha256:" + meta["sha256"] and ckpt.to_json()["digest"] == ckpt.digest
+    flip_byte(path, path.stat().st_size // 3)
+    ckpt, = scan(ckdir)
+    assert ckpt.status is CheckpointStatus.CORRUPT and "sha256 does not match" in (ckpt.note or "")
+
+
+@pytest.mark.parametrize("digest, note", [("md5:" + "0" * 32, "algorithm is unknown"),
+                                          ("xxh3_128:" + "0" * 31, "xxh3_128 is not a digest"),
+                                          ("xxh3_128", "xxh3_128 is not a digest: ''"),
+                                          ("xxh3_128:" + "0" * 32, "xxh3_128 does not match")])
+def test_a_bad_digest_field_makes_the_checkpoint_corrupt(ckdir: Path, digest: str, note: str) -> None:
+    save(40)
+    manifest = ckdir / "step-00000040.json"
+    manifest.write_text(json.dumps(dict(json.loads(manifest.read_text()), digest=digest)))
+    ckpt, = scan(ckdir)
+    assert ckpt.status is CheckpointStatus.CORRUPT and note in (ckpt.note or ""), ckpt.note
+
+
+def test_without_xxhash_a_save_writes_sha256_and_a_reader_without_it_does_not_call_xxh3_corrupt(
+        tmp_path: Path) -> None:
+    """A child where ``import xxhash`` fails (as where the package is missing): its save
+    falls back to sha256, which verifies; an xxh3_128 manifest is ``unverified`` there."""
+    code = """
+import sys
+sys.modules["xxhash"] = None          # import xxhash raises ImportError
+import json, torch, ftrain
+from ftrain.checkpoints import scan
+ftrain.save_checkpoint({"w": torch.arange(10.0)}, 5)
+meta = json.load(open("checkpoints/step-00000005.json"))
+print(json.dumps({"keys": sorted(meta), "status": [c.status.value for c in scan("checkpoints")],
+                  "xxh3": [c.status.value for c in scan("new")]}))
+"""
+    new = tmp_path / "new"
+    new.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FTRAIN_")}
+    made = subprocess.run([sys.executable, "-c",
+                           "import torch, ftrain; ftrain.save_checkpoint({'w': torch.ones(3)}, 7)"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    for name in ("step-00000007.pt", "step-00000007.json"):
+        os.replace(tmp_path / "checkpoints" / name, new / name)
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert "sha256" in out["keys"] and "digest" not in out["keys"] and out["status"] == ["ok"]
+    assert out["xxh3"] == ["unverified"]

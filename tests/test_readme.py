@@ -56,8 +56,16 @@ def test_the_shim_example_runs_without_ftrain(tmp_path: Path) -> None:
     assert not (tmp_path / "runs").exists()     # no supervisor, no run folder
 
 
+def test_the_policy_shown_is_the_built_in_one_verbatim() -> None:
+    """"## The policy" shows the default that `ftrain run` applies without --policy, whole."""
+    from ftrain.policyfile import default_policy_path
+
+    shown = re.findall(r"^```yaml\n(.*?)^```", section("## The policy"), flags=re.S | re.M)[0]
+    assert shown == default_policy_path().read_text()
+
+
 def test_the_policy_shown_is_valid_and_the_error_example_is_what_ftrain_prints(tmp_path: Path) -> None:
-    policy, = [b for b in blocks("yaml") if b.startswith("version: 1")]
+    policy, = [b for b in blocks("yaml") if "version: 1" in b.splitlines()]
     (tmp_path / "p.yaml").write_text(policy)
     p = run_ftrain("policy", "check", "p.yaml", cwd=tmp_path)
     assert p.returncode == 0, p.stdout + p.stderr

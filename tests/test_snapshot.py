@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,136 @@ def test_a_lower_overhead_budget_takes_fewer_snapshots(job: Path) -> None:
     # 2 %: a 4 MB copy blocks ~0.5-2 ms, so most of the 40 steps of 50 ms are snapshotted;
     # 0.01 %: the next one waits 5-20 s, longer than the job
     assert taken["default"] >= 15 and taken["low"] <= 2, taken
+
+
+def test_inspect_shows_the_memory_tier_live_and_the_checkpoint_promoted_from_it(job: Path) -> None:
+    import subprocess
+    import time
+
+    from conftest import ftrain_cmd
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FTRAIN_")}
+    child = subprocess.Popen(ftrain_cmd("run", JOB, "--policy", "p.yaml", "--run-dir", "run", "--no-ui",
+                                        "--inject", "kill@30", "--set", "train.steps=120"),
+                             cwd=job, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run = job / "run"
+    tier = MemoryTier(run)
+    try:
+        deadline = time.monotonic() + 60
+        live = None
+        while time.monotonic() < deadline and child.poll() is None:
+            held = [n for n in os.listdir(tier.dir) if n.endswith(".pt")] if tier.dir.is_dir() else []
+            if held:
+                out = run_ftrain("inspect", "run", "--json", cwd=job, timeout=60)
+                assert out.returncode == 0, out.stderr
+                live = json.loads(out.stdout)["memory"]
+                break
+            time.sleep(0.05)
+        assert live is not None, "no snapshot appeared in the memory tier"
+        assert live["dir"] == str(tier.dir) and live["exists"]
+        assert live["snapshots"] >= 1 and live["bytes"] >= 4_000_000, live   # a 4 MB tensor held in RAM
+        _, err = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 0, err[-3000:]
+    resumed = of(events(run), "attempt_start")[1]["resume_step"]
+    assert resumed is not None and resumed > 0
+    out = run_ftrain("inspect", "run", "--json", cwd=job, timeout=60)
+    assert out.returncode == 0, out.stderr
+    after = json.loads(out.stdout)["memory"]
+    assert not after["exists"] and after["bytes"] == 0 and after["snapshots"] == 0      # released at the end
+    [promoted] = [p for p in after["promoted"] if p["step"] == resumed]
+    assert promoted["status"] == "ok" and promoted["disk_step_before"] == 0
+    assert promoted["steps_saved"] == resumed
+    text = run_ftrain("inspect", "run", cwd=job, timeout=60)
+    assert text.returncode == 0, text.stderr
+    assert "memory tier: nothing held in host memory (released)" in text.stdout
+    assert f"step {resumed} promoted from memory (ok): {resumed} step(s) not redone (disk had step 0)" \
+        in text.stdout
+    listing = json.loads(run_ftrain("inspect", "run/checkpoints", "--json", cwd=job, timeout=60).stdout)
+    tiers = {c["step"]: c["tier"] for c in listing}
+    assert tiers[resumed] == "memory" and tiers[0] == "disk", tiers
+
+
+def test_a_hang_resumes_from_the_snapshot_of_the_last_step_it_logged(job: Path) -> None:
+    """A hung job's state is sound (unlike a NaN's): its newest snapshot is used."""
+    (job / "hang.yaml").write_text(POLICY.replace("detect: {nonfinite: [loss]}",
+                                                  "detect: {nonfinite: [loss], hang: {timeout: 2s, startup: 60s}}")
+                                   .replace("[segfault, aborted, killed, cuda_oom]", "[hang]") + "grace: 1s\n")
+    p = run_ftrain("run", JOB, "--policy", "hang.yaml", "--run-dir", "run", "--no-ui", "--inject", "hang@30",
+                   "--set", "train.steps=40", cwd=job, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    run = job / "run"
+    [failure] = of(events(run), "failure")
+    assert failure["kind"] == "hang" and failure["step"] == 29
+    resumed = of(events(run), "attempt_start")[1]["resume_step"]
+    assert resumed is not None and resumed >= 25, resumed          # not the durable step 0
+    assert json.loads((run / "checkpoints" / f"step-{resumed:08d}.json").read_text())["tier"] == "memory"
+    assert set(logged_steps(run)) == set(range(40))
+
+
+def test_the_demo_job_snapshots_every_step_and_a_kill_costs_at_most_a_few_steps(tmp_path: Path) -> None:
+    """scripts/train_charlm.py (the demo) under a SIGKILL: the restart resumes from the
+    snapshot promoted from memory, and the loss after it is the fault-free run's."""
+    root = Path(__file__).resolve().parents[1]
+    curve = json.loads((root / "tests" / "data" / "demo_loss.json").read_text())   # demo.yaml, no fault
+    p = run_ftrain("run", str(root / "scripts" / "train_charlm.py"), "--config", str(root / "configs" / "demo.yaml"),
+                   "--policy", str(root / "configs" / "policy.demo.yaml"), "--set", "train.steps=45",
+                   "--inject", "kill@35", "--run-dir", "run", "--no-ui", cwd=tmp_path, timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    run = tmp_path / "run"
+    assert [f["kind"] for f in of(events(run), "failure")] == ["killed"]
+    assert redone(run) and redone(run)[0] <= 3, redone(run)                # not back to step 24 on disk
+    resumed = of(events(run), "attempt_start")[1]["resume_step"]
+    assert f"step-{resumed:08d}.pt read from host memory" in p.stderr
+    losses = {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+              if "loss" in r and r["attempt"] == 2}
+    assert sorted(losses) == list(range(resumed + 1, 45))
+    assert all(abs(losses[s] - curve[s]) < 6e-5 for s in losses), [(s, losses[s], curve[s]) for s in losses]
+    story = run_ftrain("inspect", "run", cwd=tmp_path, timeout=60).stdout
+    assert f"step {resumed} promoted from memory (ok): " in story
+
+
+def test_the_snapshot_bench_runs_and_finds_the_state_exact(tmp_path: Path) -> None:
+    """scripts/bench.py's snapshot section (--quick): 4 real crashes with and without snapshots."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FTRAIN_")}
+    env["PYTHONPATH"] = str(root)
+    p = subprocess.run([sys.executable, str(root / "scripts" / "bench.py"), "--only", "snapshot", "--quick",
+                        "--json", str(tmp_path / "b.json")], cwd=tmp_path, capture_output=True, text=True,
+                       env=env, timeout=240)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    figures = json.loads((tmp_path / "b.json").read_text())
+    assert figures["snapshot_state_exact"] is True, p.stdout
+    assert figures["snapshot_steps_redone_per_crash"] <= 3, p.stdout
+    assert 0 < figures["snapshot_blocking_share_pct"] < 50, p.stdout
+    assert "checkpoints every 50 steps alone: [36, 16, 46, 26]" in p.stdout     # the same crashes, from disk
+
+
+def test_a_tier_whose_run_folder_is_gone_is_swept_and_a_resumable_ones_kept(tmp_path: Path) -> None:
+    """A supervisor killed outright leaves its tier for `resume`; once its run folder is
+    deleted nothing will resume it, and the next run's tier removes it (its RAM back)."""
+    root = tmp_path / "shm"
+    root.mkdir()
+    live, gone = tmp_path / "live", tmp_path / "gone"
+    for run in (live, gone):
+        run.mkdir()
+        (run / "journal.jsonl").write_text("")
+        tier = MemoryTier(run, root=root)
+        assert tier.open()
+        (tier.dir / "step-00000003.pt").write_bytes(b"x" * 1000)   # left by a killed supervisor
+    stranger = root / f"ftrain-{os.getuid()}-0000000000000000"     # no owner note: not ours to judge
+    stranger.mkdir()
+    shutil.rmtree(gone)
+    kept, swept = MemoryTier(live, root=root).dir, MemoryTier(gone, root=root).dir
+    new = MemoryTier(tmp_path / "new", root=root)
+    assert new.open()
+    assert kept.exists() and (kept / "step-00000003.pt").exists() and stranger.exists()
+    assert not swept.exists()
+    new.clear()
+    assert (new.dir / ".run-dir").read_text() == str((tmp_path / "new").absolute())

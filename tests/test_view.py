@@ -90,3 +90,50 @@ def test_the_live_view_in_a_terminal_draws_the_bar_and_gives_the_terminal_back_a
     assert before & termios.ECHOCTL                 # (it was on before)
     assert termios.tcgetattr(master)[3] & termios.ECHOCTL   # and is on again after
     os.close(master)
+
+
+DEFAULTS_ONLY = """
+import time
+import ftrain
+cfg = ftrain.config(defaults={"train": {"steps": 400}})
+for step in range(cfg["train"]["steps"]):
+    ftrain.log(step, loss=1.0 / (1 + step))
+    time.sleep(0.02)
+"""
+
+
+def test_the_live_view_shows_the_total_and_an_eta_of_a_script_configured_only_by_its_defaults(
+        tmp_path: Path) -> None:
+    """No --config: the job's length (``train.steps``) is learnt from the script's
+    ``ftrain.config(defaults=...)`` as attempt 1 runs, and the panel in a real terminal
+    shows the step of the total, its share and an ETA (the script prints no count itself)."""
+    (tmp_path / "train.py").write_text(DEFAULTS_ONLY)
+    master, slave = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FTRAIN_")}
+    env.update(PYTHONPATH=str(ROOT), COLUMNS="120", LINES="30", TERM="xterm-256color")
+    proc = subprocess.Popen([sys.executable, "-m", "ftrain", "run", "train.py", "--run-dir", "run"], cwd=tmp_path,
+                            stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True)
+    os.close(slave)
+    out, shown = b"", None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and shown is None and proc.poll() is None:
+        if select.select([master], [], [], 0.5)[0]:
+            try:
+                out += os.read(master, 65536)
+            except OSError:   # the run ended: the terminal's other side is closed
+                break
+        text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.decode("utf-8", "replace"))
+        shown = re.search(r"step (\d+)/400 \((\d+)%\).*ETA \d+s", text)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    while select.select([master], [], [], 10)[0]:   # drain, so the supervisor's last writes never block
+        try:
+            if not os.read(master, 65536):
+                break
+        except OSError:
+            break
+    code = proc.wait(30)
+    os.close(master)
+    assert shown is not None, text[-2000:]
+    assert code == 130
+    assert 0 < int(shown.group(1)) < 400 and 0 <= int(shown.group(2)) <= 100

@@ -540,3 +540,51 @@ def test_a_hung_script_with_its_own_term_handler_keeps_the_grace(tmp_path, write
     failure = of(events(run_dir), "failure")[0]
     assert failure["kind"] == "hang" and p.returncode == 1
     assert failure["exit_code"] == 0 and (tmp_path / "saved-by-own-handler").read_text() == "ok"
+
+
+WAITS = """
+import os, sys, time
+import ftrain
+ftrain.log(0, loss=1.0)
+deadline = time.monotonic() + 30
+while not os.path.exists("go") and time.monotonic() < deadline:
+    time.sleep(0.05)
+"""
+
+
+def test_ps_shows_the_spare_of_a_real_run_as_a_short_command_line(tmp_path):
+    """While an attempt of `ftrain run` trains, its spare waits beside it: /proc/PID/cmdline
+    and `ps` show `python …/ftrain/spare.py FD SCRIPT MODULES_TXT`, a line a person can read
+    (no program text, no environment), and it is gone when the run ends."""
+    from conftest import ftrain_cmd
+
+    script = tmp_path / "train.py"
+    script.write_text(WAITS)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FTRAIN_")}
+    supervisor = subprocess.Popen(ftrain_cmd("run", str(script), "--run-dir", "run", "--no-ui"), cwd=tmp_path,
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, spare = time.monotonic() + 30, None
+        while spare is None and time.monotonic() < deadline and supervisor.poll() is None:
+            for child in psutil.Process(supervisor.pid).children():
+                pid = child.pid
+                try:
+                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+                except OSError:
+                    continue
+                if cmdline[1:2] == [SPARE]:
+                    spare = pid, cmdline
+            time.sleep(0.05)
+        assert spare is not None, "no spare started"
+        pid, cmdline = spare
+        assert cmdline[0] == sys.executable and cmdline[2].isdigit() and cmdline[3] == str(script), cmdline
+        assert cmdline[4:] in ([], [str(tmp_path / "run" / "attempts" / "0001" / "modules.txt")]), cmdline
+        ps = subprocess.run(["ps", "-ww", "-o", "args=", "-p", str(pid)], capture_output=True, text=True)
+        shown = ps.stdout.strip()
+        assert shown == " ".join(cmdline)
+        assert len(shown) < len(sys.executable) + len(SPARE) + 2 * len(str(tmp_path)) + 60, shown
+    finally:
+        (tmp_path / "go").touch()
+        out, _ = supervisor.communicate(timeout=30)
+    assert supervisor.returncode == 0, out
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE

@@ -290,7 +290,7 @@ def save_checkpoint(state: Any, step: int, *, metrics: Mapping[str, Any] | None 
 
     Rank 0 only (other ranks get None). Writes to ``FTRAIN_CHECKPOINT_DIR``, else
     ``./checkpoints``. The data is hashed as it is written; the manifest
-    (``step, attempt, t, bytes, sha256, metrics``) is written only after the data file is
+    (``step, attempt, t, bytes, digest, metrics``) is written only after the data file is
     flushed and renamed into place. ``metrics`` defaults to those of the last ``log``.
     ``blocking=False`` copies the state to the CPU now and writes it on a background
     thread (one at a time); its error is raised by the next call. The copy's CPU memory is
@@ -326,9 +326,9 @@ def load_checkpoint(path: str | os.PathLike[str] | None = None, *, weights_only:
                     map_location: Any = "cpu") -> Any:
     """Load ``path`` (default ``FTRAIN_RESUME_FROM``) with ``torch.load``; None if neither.
 
-    When the file has a manifest its size is checked (the supervisor checked the sha256
+    When the file has a manifest its size is checked (the supervisor checked the digest
     before it chose the file); a mismatch raises ``CheckpointError``. When the resume point
-    is a promoted snapshot still held in the supervisor's memory tier (the same name, sha256
+    is a promoted snapshot still held in the supervisor's memory tier (the same name, digest
     and size), its bytes are read from there instead of from disk.
     """
     target = os.fspath(path) if path is not None else _st.resume_from
@@ -457,8 +457,8 @@ def _at_exit() -> None:
 
 def _from_memory(target: str) -> Any:
     """The resume point's bytes in the supervisor's memory tier, open, when the snapshot
-    promoted to ``target`` is still there: the same name, and the same sha256 and size in
-    both manifests (the supervisor checked the sha256 of both when it promoted it). None
+    promoted to ``target`` is still there: the same name, and the same digest and size in
+    both manifests (the supervisor checked the digest of both when it promoted it). None
     otherwise (then the file on disk is read)."""
     from ftrain import ckptfmt
 
@@ -475,8 +475,8 @@ def _from_memory(target: str) -> Any:
         except (OSError, ValueError):
             return None
     disk, memory = metas
-    if not (isinstance(disk, dict) and isinstance(memory, dict) and disk.get("sha256")
-            and disk.get("sha256") == memory.get("sha256") and disk.get("bytes") == memory.get("bytes")):
+    if not (isinstance(disk, dict) and isinstance(memory, dict) and ckptfmt.digest_of(disk)
+            and ckptfmt.digest_of(disk) == ckptfmt.digest_of(memory) and disk.get("bytes") == memory.get("bytes")):
         return None
     try:
         f = open(os.path.join(_st.memory_dir, name), "rb")  # noqa: SIM115 - closed by load_checkpoint

@@ -4,7 +4,9 @@ The supervisor owns a folder in host shared memory (``FTRAIN_MEMORY_DIR``, on /d
 files live in RAM and belong to no process, so a segfault, abort, SIGKILL or OOM kill of
 this one leaves them). A snapshot copies the state to the CPU (the blocking part: into the
 previous snapshot's tensors when their shapes match, no page faults), then a background
-thread writes it there under the checkpoint names of ``ftrain.ckptfmt`` — the data through
+thread (one for the process, started by the first snapshot: starting a thread per snapshot
+blocked the caller up to a GIL switch interval, 5 ms, each time) writes it there under the
+checkpoint names of ``ftrain.ckptfmt`` — the data through
 the same hashing writer as a durable save but with no fsync (RAM has nothing to flush),
 renamed into place, then its manifest — and removes the snapshot before it. At most one
 is in flight and the folder holds at most two (the newest complete, the one being
@@ -21,6 +23,7 @@ still being written, returns False at once.
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
 
@@ -44,12 +47,9 @@ def take(st: ProcessState, state: Any, step: int) -> bool:
     directory = st.memory_dir
     if directory is None or st.rank != 0:
         return False
-    thread = st.snapshot_thread
-    if thread is not None:
-        if thread.is_alive():
-            return False
-        thread.join()
-        st.snapshot_thread = None
+    worker = _worker_for(st)
+    if not worker.idle.is_set():
+        return False
     now = time.monotonic()
     if now < st.snapshot_next_at or st.snapshot_failed:
         return False
@@ -62,6 +62,10 @@ def take(st: ProcessState, state: Any, step: int) -> bool:
     copy = st.snapshot_copy = cpu_copy(state, torch, pool)
     del pool
     blocked = time.perf_counter() - started
+    info = {"step": step, "attempt": st.attempt, "t": time.time(), "tier": "memory",
+            "metrics": plain_metrics(st.last_metrics, "ftrain.snapshot"), "blocked_s": round(blocked, 6)}
+    worker.idle.clear()
+    worker.jobs.put((st, copy, directory, step, info))
     # The spacing follows the median of the last few copies: one copy stretched by the
     # scheduler (a busy machine) must not stop snapshots for many steps.
     # The first copy pays a page fault per 4 KiB of new memory; the ones after it copy into
@@ -75,12 +79,41 @@ def take(st: ProcessState, state: Any, step: int) -> bool:
         st.snapshot_blocked = (st.snapshot_blocked + [blocked])[-5:]
     recent = st.snapshot_blocked
     st.snapshot_next_at = now if first else now + sorted(recent)[len(recent) // 2] / st.snapshot_overhead
-    info = {"step": step, "attempt": st.attempt, "t": time.time(), "tier": "memory",
-            "metrics": plain_metrics(st.last_metrics, "ftrain.snapshot"), "blocked_s": round(blocked, 6)}
-    st.snapshot_thread = threading.Thread(target=_write, args=(st, copy, directory, step, info),
-                                          name=f"ftrain-snapshot-{step}", daemon=True)
-    st.snapshot_thread.start()
     return True
+
+
+class _Worker:
+    """The process's snapshot writer: one thread, one job at a time (``idle`` clear while
+    one is queued or being written)."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.jobs: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self.idle = threading.Event()
+        self.idle.set()
+        self.thread = threading.Thread(target=self._run, name="ftrain-snapshot", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            try:
+                _write(*job)
+            finally:
+                del job
+                self.idle.set()
+
+
+_worker: _Worker | None = None
+
+
+def _worker_for(st: ProcessState) -> _Worker:
+    """The writer, started on first use (and again in a forked child, which has no threads)."""
+    global _worker
+    if _worker is None or _worker.pid != os.getpid():
+        _worker = _Worker()
+        st.snapshot_thread = _worker.thread
+    return _worker
 
 
 def _write(st: ProcessState, copy: Any, directory: str, step: int, info: dict[str, Any]) -> None:
@@ -115,7 +148,5 @@ def _drop_older(directory: str, step: int) -> None:
 
 def wait(st: ProcessState) -> None:
     """Let the snapshot in flight finish (at exit: a clean end keeps the newest one whole)."""
-    thread = st.snapshot_thread
-    if thread is not None:
-        thread.join()
-        st.snapshot_thread = None
+    if _worker is not None and _worker.pid == os.getpid() and _worker.thread.is_alive():
+        _worker.idle.wait()

@@ -1,7 +1,8 @@
 """The checkpoint writer behind ``ftrain.save_checkpoint``: atomic, durable, hashed on the way.
 
 A save writes ``step-NNNNNNNN.pt`` under a temporary name (``ftrain.ckptfmt``) through a
-``HashingWriter`` (SHA-256 on a helper thread, writeback started as it goes), fsyncs it,
+``HashingWriter`` (the manifest's checksum, xxh3_128 or sha256, on a helper thread,
+writeback started as it goes), fsyncs it,
 renames it into place, then writes the manifest the same way and fsyncs the folder: a
 name without the temporary prefix is always a finished file, and a manifest always
 describes the bytes beside it. A non-blocking save copies the state to the CPU first
@@ -76,7 +77,7 @@ def save(st: ProcessState, state: Any, step: int, metrics: Mapping[str, Any], *,
 class HashingWriter:
     """A write-only file for ``torch.save`` that hashes the bytes on their way to disk.
 
-    The SHA-256 is computed on a helper thread while the same bytes are written (both
+    The checksum (``ckptfmt.new_hasher``) is computed on a helper thread while the same bytes are written (both
     release the GIL), so it costs little beyond the write and the data is never read back.
     Writes under ``CHUNK`` bytes (zip headers, small tensors) are gathered in one of two
     buffers of our own, so the next buffer fills while the last is still being hashed. A
@@ -89,13 +90,11 @@ class HashingWriter:
     WRITEBACK_EVERY = 8 << 20
 
     def __init__(self, fd: int) -> None:
-        import hashlib
-
         self.fd = fd
         self.size = 0
         self.error: OSError | None = None
         self.before_first_write: Callable[[], None] | None = None
-        self._hash = hashlib.sha256()
+        self.algorithm, self._hash = ckptfmt.new_hasher()
         self._writeback_from = 0   # bytes before this offset are already on their way to disk
         self._buffers = (bytearray(self.CHUNK), bytearray(self.CHUNK))
         self._filling = 0          # index in _buffers of the one being filled
@@ -160,7 +159,7 @@ class HashingWriter:
         (that is also what frees the buffer for refilling)."""
         self._wait_for_hash()
         if self._thread is None:
-            self._thread = threading.Thread(target=self._hash_loop, name="ftrain-sha256", daemon=True)
+            self._thread = threading.Thread(target=self._hash_loop, name="ftrain-digest", daemon=True)
             self._thread.start()
         self._chunk = view
         self._hashing = True
@@ -227,7 +226,7 @@ _crc32_lock = threading.Lock()
 def _save_without_crc32(torch: Any, state: Any, writer: HashingWriter) -> None:
     """``torch.save(state, writer)`` without torch's CRC32 of each zip record.
 
-    The SHA-256 in the manifest already covers every byte, and the CRC32 costs about a
+    The checksum in the manifest already covers every byte, and the CRC32 costs about a
     third of a plain torch.save. ``torch.load`` does not check it (zip tools would).
     The option is process-wide, but torch reads it once, when torch.save opens its zip
     writer, before the first byte reaches ``writer``: so it is restored at that first
@@ -288,7 +287,7 @@ def write_checkpoint(state: Any, directory: str, step: int, info: dict[str, Any]
             os.unlink(manifest)
         os.replace(data_tmp, data)
         renamed = True
-        body = dict(info, bytes=writer.size, sha256=writer.hexdigest())
+        body = dict(info, bytes=writer.size, **ckptfmt.digest_field(writer.algorithm, writer.hexdigest()))
         _write_durably(manifest_tmp, (json.dumps(body, indent=1) + "\n").encode(), durable=durable)
         os.replace(manifest_tmp, manifest)
         if durable:
