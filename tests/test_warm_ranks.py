@@ -194,7 +194,7 @@ def test_the_entry_command_keeps_torchrun_and_runs_each_rank_through_the_entry(t
 
 # --------------------------------------------------------------------------- real torchrun
 def test_a_segfault_restarts_on_warm_ranks_that_imported_before_the_attempt(job):
-    job.start(FAULT_1="segv@5")
+    job.start(FAULT_1="segv@30", SLEEP="0.15", STEPS="34")   # 4.5 s in: the server has imported
     assert job.wait() == 0, job.output()
     first, second = starts(job.run)
     assert not first.get("warm_ranks") and second["warm_ranks"] == 2
