@@ -3,8 +3,10 @@
 The attempt loop asks a ``Launcher`` for a running ``process.Child`` and never knows how it
 was made: ``Cold`` starts a new process; ``Warm`` hands the attempt to a spare interpreter
 started ahead with the script's imports done (``ftrain.warm``), and falls back to a cold
-start when there is none or it cannot take the attempt. ``prepare`` is the moment the next
-attempt's spare may begin (the running attempt's start-up is over).
+start when there is none or it cannot take the attempt; for a torchrun job it also readies
+the next attempt's ranks (``ftrain.warm.WarmRanks``), and the attempt's torchrun then runs
+them through the rank entry. ``prepare`` is the moment the next attempt's spare may begin
+(the running attempt's start-up is over).
 """
 
 from __future__ import annotations
@@ -61,12 +63,15 @@ def build_command(script: str, args: Sequence[str]) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Launched:
-    """A started attempt: its child, whether a warm spare became it, and a note for the
-    person when the launcher had to fall back (the spare died while it waited …)."""
+    """A started attempt: its child, whether a warm spare became it, how many of its ranks
+    are warm, and a note for the person when the launcher had to fall back (the spare died
+    while it waited …)."""
 
     child: Child
     warm: bool = False
     note: str | None = None
+    warm_ranks: int = 0     # ranks handed to interpreters that imported ahead (torchrun jobs)
+    command: tuple[str, ...] | None = None   # what was run, where the launcher changed the command
 
 
 LineHook = Callable[[str], None]
@@ -115,14 +120,43 @@ class Cold:
 
 
 class Warm(Cold):
-    """The next attempt's interpreter started ahead (``ftrain.warm.Spare``), cold otherwise."""
+    """The next attempt's interpreter started ahead (``ftrain.warm.Spare``), and a torchrun
+    job's next ranks (``ftrain.warm.WarmRanks``); cold otherwise."""
 
     def __init__(self, cwd: Path, program: str) -> None:
         super().__init__(cwd, program)
         self._spare: Any = None   # ftrain.warm.Spare: imported only when one is started
+        self._ranks: Any = None   # ftrain.warm.WarmRanks, likewise
 
     def start(self, command: Sequence[str], env: Mapping[str, str], log_path: Path,
               sink: OutputSink | None, line_hook: LineHook | None) -> Launched:
+        notes = []
+        ranks, self._ranks = self._ranks, None
+        if ranks is not None:
+            died = ranks.child.proc.poll()
+            if ranks.usable_for(command, env):
+                command = ranks.command(command)
+            else:
+                ranks.discard()
+                ranks = None
+                if died is not None and died < 0:
+                    notes.append(f"the warm ranks' interpreter was killed by {signal_name(died)} while it "
+                                 "waited; starting the ranks cold")
+        try:
+            launched = self._start(command, env, log_path, sink, line_hook)
+        except BaseException:
+            if ranks is not None:
+                ranks.discard()
+            raise
+        if ranks is not None:
+            launched.child.bind(ranks.child)   # the attempt's now: stopped and reaped with it
+        note = "; ".join(n for n in (*notes, launched.note) if n) or None
+        return Launched(launched.child, warm=launched.warm, note=note,
+                        warm_ranks=ranks.count if ranks is not None else 0,
+                        command=tuple(command) if ranks is not None else None)
+
+    def _start(self, command: Sequence[str], env: Mapping[str, str], log_path: Path,
+               sink: OutputSink | None, line_hook: LineHook | None) -> Launched:
         spare, self._spare = self._spare, None
         note = None
         if spare is not None:
@@ -136,25 +170,31 @@ class Warm(Cold):
         return Launched(cold.child, note=note)
 
     def prepare(self, command: Sequence[str], env: Mapping[str, str], modules: Path) -> str | None:
-        from ftrain.warm import Spare, fits
+        from ftrain.warm import Spare, WarmRanks, fits, fits_ranks
 
-        if self._spare is not None or not fits(command, sys.executable):
-            return None
-        try:
-            self._spare = Spare(command, env, self.cwd, modules)
-        except OSError as exc:   # no warm start then; the next attempt starts cold
-            return f"could not start a spare interpreter: {exc.strerror}"
-        return None
+        problems = []
+        if self._ranks is None and fits_ranks(command):
+            try:
+                self._ranks = WarmRanks(command, env, self.cwd, modules)
+            except OSError as exc:
+                problems.append(f"could not start the warm ranks' interpreter: {exc.strerror}")
+        if self._spare is None and fits(command, sys.executable):
+            try:
+                self._spare = Spare(command, env, self.cwd, modules)
+            except OSError as exc:   # no warm start then; the next attempt starts cold
+                problems.append(f"could not start a spare interpreter: {exc.strerror}")
+        return "; ".join(problems) or None
 
     def spare_oom_killed(self) -> bool:
         import signal
 
-        return self._spare is not None and self._spare.child.proc.poll() == -signal.SIGKILL
+        return any(w is not None and w.child.proc.poll() == -signal.SIGKILL for w in (self._spare, self._ranks))
 
     def close(self) -> None:
-        if self._spare is not None:
-            self._spare.discard()
-            self._spare = None
+        for waiting in (self._spare, self._ranks):
+            if waiting is not None:
+                waiting.discard()
+        self._spare = self._ranks = None
 
 
 def make_launcher(warm_start: bool, cwd: Path, program: str) -> Launcher:

@@ -273,6 +273,7 @@ class Child:
         self._open_fds = 2
         self.woken = False  # a wake-up fd (see ``wake_on``) fired during the last pump
         self.returncode: int | None = None
+        self._bound: list[Child] = []   # other leaders whose processes are this attempt's (``bind``)
 
     def adopt(self, log_path: Path, sink: OutputSink | None = None,
               line_hook: Callable[[str], None] | None = None, env: Mapping[str, str] | None = None) -> None:
@@ -286,6 +287,11 @@ class Child:
         self._sink = sink
         self._line_hook = line_hook
         self.started = time.time()
+
+    def bind(self, other: Child) -> None:
+        """``other`` (a warm ranks server, ``ftrain.warm``) now runs part of this attempt: it
+        is stopped and reaped, with all it started, when this child ``finish``es."""
+        self._bound.append(other)
 
     def wake_on(self, fd: int, drain: Callable[[], None]) -> None:
         """Also return from ``pump`` as soon as ``fd`` is readable (a file-change notifier);
@@ -441,7 +447,8 @@ class Child:
         for a hang's evidence, that it was not running at all."""
         import psutil
         out = []
-        for pid in [self.pid, *descendants(self.pid)]:
+        bound = [pid for other in self._bound for pid in (other.pid, *descendants(other.pid))]
+        for pid in [self.pid, *descendants(self.pid), *bound]:
             if proc_state(pid) in ("T", "t"):
                 try:
                     name = psutil.Process(pid).name()
@@ -484,6 +491,10 @@ class Child:
         self._drain(deadline=time.monotonic() + 0.05)
         _leaders.discard(self.pid)
         strays = self._kill_strays()
+        for other in self._bound:   # its ranks ended with their entries: a server left to reap
+            other.stop(0.0, cooperative=False)
+            other.finish()
+        self._bound.clear()
         self._drain(deadline=time.monotonic() + 0.2)
         for key in list(self._sel.get_map().values()):
             self._sel.unregister(key.fd)

@@ -34,6 +34,7 @@ from ftrain.policy import Decision
 from ftrain.state import RunState
 from ftrain.topology import Verdict
 from ftrain.torchrun import DistSpec, rank_folders, rank_reports, torchrun_command
+from ftrain.warm import RANK_ENTRY
 
 __all__ = ["Heartbeat", "RankWatch", "Ranks", "in_torch", "innermost_frame", "read_heartbeats"]
 
@@ -150,6 +151,8 @@ class RankWatch:
         self._started = 0.0                                  # wall clock at the attempt's start
         self._next_check = 0.0
         self._pids: dict[int, tuple[int, int]] = {}          # rank → (pid, local_rank)
+        self._servers: set[int] = set()                      # warm ranks servers serving the attempt
+        self._server_names: set[str] = set()
         self._dump_offsets: dict[int, tuple[Path, int]] = {}  # rank → (stderr.log, size before the dump)
 
     @property
@@ -162,6 +165,8 @@ class RankWatch:
         self.attempt_dir, self.leader_pid = Path(attempt_dir), leader_pid
         self._started = time.time()
         self._pids.clear()
+        self._servers.clear()
+        self._server_names.clear()
         self._dump_offsets.clear()
         self._next_check = 0.0
         if self.stragglers is not None:
@@ -211,7 +216,9 @@ class RankWatch:
 
     def learn_pids(self) -> None:
         """Which pid is which rank: torchrun's children carry RANK/LOCAL_RANK in their
-        environment."""
+        environment. A warm rank's entry (``ftrain/rankentry.py``) names the server that
+        forked the rank itself (``ftrain.warm.WarmRanks``): its processes count as the
+        attempt's tree too (``rank_pids``)."""
         if self.leader_pid is None:
             return
         try:
@@ -229,6 +236,24 @@ class RankWatch:
             rank, local = env.get("RANK", ""), env.get("LOCAL_RANK", "")
             if rank.isdigit() and local.isdigit():
                 self._pids[int(rank)] = (p.pid, int(local))
+                self._learn_server(p)
+
+    def _learn_server(self, entry: psutil.Process) -> None:
+        """The warm ranks server a rank entry hands its rank to: this process's own child
+        that serves the socket named on the entry's command line."""
+        try:
+            argv = entry.cmdline()
+        except psutil.Error:
+            return
+        if len(argv) < 3 or argv[1] != RANK_ENTRY or argv[2] in self._server_names:
+            return
+        self._server_names.add(argv[2])
+        for p in psutil.Process().children():
+            try:
+                if p.cmdline()[2:4] == ["--ranks", argv[2]]:
+                    self._servers.add(p.pid)
+            except psutil.Error:
+                pass
 
     def rank_of(self) -> dict[int, int]:
         """``local_rank → rank`` of the ranks seen in this attempt."""
@@ -236,18 +261,20 @@ class RankWatch:
 
     def rank_pids(self) -> dict[int, int]:
         """``rank → pid`` of this node's live ranks (torchrun's children and heartbeat files,
-        checked against the attempt's process tree so that a recycled pid is never signalled)."""
+        checked against the attempt's process tree so that a recycled pid is never signalled).
+        A heartbeat's pid wins: it is the process that runs the script (a warm rank, forked by
+        its server, not torchrun's child; the python under a wrapper)."""
         self.learn_pids()
         pids = {rank: pid for rank, (pid, _) in self._pids.items()}
         tree: set[int] = set()
-        if self.leader_pid is not None:
+        for root in ([self.leader_pid] if self.leader_pid is not None else []) + sorted(self._servers):
             try:
-                tree = {p.pid for p in psutil.Process(self.leader_pid).children(recursive=True)}
+                tree |= {p.pid for p in psutil.Process(root).children(recursive=True)}
             except psutil.Error:
-                tree = set()
+                pass
         for rank, hb in self._beats().items():
             if hb.pid is not None and hb.pid in tree:
-                pids.setdefault(rank, hb.pid)
+                pids[rank] = hb.pid
         return {rank: pid for rank, pid in pids.items() if pid in tree}
 
     def dump_stacks(self) -> list[int]:

@@ -7,12 +7,15 @@ the attempt's environment then). It imports the standard library only::
 
     python /…/ftrain/spare.py FD SCRIPT [MODULES_TXT]     a spare for `python SCRIPT …`
     python /…/ftrain/spare.py FD -m MODULE                a spare for `python -m MODULE …`
+    python /…/ftrain/spare.py --ranks NAME N SCRIPT [MODULES_TXT]   N warm ranks of `torchrun … SCRIPT`
 
 It imports what it can ahead (``prefix_imports``, then the names in MODULES_TXT), then
 blocks on FD. EOF without a message: stood down, it leaves. A message (JSON: the attempt's
 ``argv`` after the interpreter, and its ``env``) makes it the attempt: as ``python SCRIPT``
 would run it (``run_script``), or cold after all (``execve`` of the plain command) where
-code changed since it began (``stale``).
+code changed since it began (``stale``). With ``--ranks`` it serves the ranks of a torchrun
+attempt (``serve_ranks``): each rank's entry (``ftrain/rankentry.py``) connects to the
+abstract socket NAME, and a process forked for it becomes the rank.
 """
 
 from __future__ import annotations
@@ -23,23 +26,31 @@ import time
 
 TYPE_CHECKING = False               # not typing's: nothing beyond os and sys before sys.path is ours
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from types import ModuleType
 
-__all__ = ["main", "prefix_imports", "run_script", "set_oom_score_adj", "stale"]
+__all__ = ["main", "prefix_imports", "run_script", "serve_ranks", "set_oom_score_adj", "stale"]
 
 COLD_NOTE = b"[ftrain] code changed since this interpreter was started ahead: starting cold\n"
 
 
 def main(argv: list[str]) -> None:
-    """Import ahead, wait for the attempt on ``argv[1]``, then become it."""
+    """Import ahead, wait for the attempt on ``argv[1]``, then become it (``--ranks``: serve
+    the ranks of a torchrun attempt instead, ``serve_ranks``)."""
+    if argv[1] == "--ranks":
+        began = time.time()
+        script = argv[4]
+        _set_path0(script, None)
+        rank = serve_ranks(argv[2], int(argv[3]), script, argv[5:])
+        _become(rank.main, rank.inherited, rank.argv, rank.env, began, rank.cwd)
+        return
     fd, script, listed = int(argv[1]), argv[2], argv[3:]
     module = listed.pop(0) if script == "-m" else None
-    if not getattr(sys.flags, "safe_path", False):   # (-P, 3.11+) sys.path[0] is this file's folder:
-        # ftrain's, where `tensorboard.py` and `files.py` live. Set it as python would have.
-        sys.path[0] = os.getcwd() if module is not None else os.path.dirname(os.path.realpath(script))
+    _set_path0(script, module)
     began = time.time()
     inherited = _take_oom_score()
     sys.argv = [script]
+    main_module = None
     if module is not None:          # `python -m module`: what it imports, not its main
         try:
             __import__(module)
@@ -47,26 +58,48 @@ def main(argv: list[str]) -> None:
             os._exit(0)
         del sys.modules[module]     # run_module runs it afresh as __main__, as `python -m` does
     else:
-        main_module = _script_main(script)
-        sys.modules["__main__"] = main_module   # what an import that looks at __main__ sees in a plain run
-        for name in prefix_imports(script):
-            try:
-                __import__(name)
-            except BaseException:   # the script meets the error itself, on a cold start
-                os._exit(0)
-        if listed:
-            _import_listed(listed[0], script)
+        main_module = _import_ahead(script, listed)
     message = _wait(fd)
     if message is None:             # stood down: no attempt for us
         os._exit(0)
-    if inherited is not None:       # an attempt now, as any other
-        set_oom_score_adj(inherited)
     import json
 
     msg = json.loads(message)
-    args, env = list(msg["argv"]), dict(msg["env"])
-    if module is None and not os.path.isfile(args[0]):
-        os.execve(sys.executable, [sys.executable, *args], env)   # gone: python says so, as it would
+    _become(main_module, inherited, list(msg["argv"]), dict(msg["env"]), began, None, module)
+
+
+def _set_path0(script: str, module: str | None) -> None:
+    if not getattr(sys.flags, "safe_path", False):   # (-P, 3.11+) sys.path[0] is this file's folder:
+        # ftrain's, where `tensorboard.py` and `files.py` live. Set it as python would have.
+        sys.path[0] = os.getcwd() if module is not None else os.path.dirname(os.path.realpath(script))
+
+
+def _import_ahead(script: str, listed: list[str]) -> ModuleType:
+    """The script's ``__main__`` (not yet run), its leading imports and those MODULES_TXT
+    lists done; an import that fails ends us (the script meets the error itself, cold)."""
+    main_module = _script_main(script)
+    sys.modules["__main__"] = main_module   # what an import that looks at __main__ sees in a plain run
+    for name in prefix_imports(script):
+        try:
+            __import__(name)
+        except BaseException:
+            os._exit(0)
+    if listed:
+        _import_listed(listed[0], script)
+    return main_module
+
+
+def _become(main_module: ModuleType | None, inherited: str | None, args: list[str], env: dict[str, str],
+            began: float, cwd: str | None = None, module: str | None = None) -> None:
+    """Run the attempt (``args``: its argv after the interpreter) as ``python`` would, or
+    cold after all (``execve``) where the script is another or code changed since ``began``."""
+    if inherited is not None:       # an attempt now, as any other
+        set_oom_score_adj(inherited)
+    if cwd is not None:
+        os.chdir(cwd)
+    if module is None and (not os.path.isfile(args[0]) or main_module is None
+                           or os.path.abspath(args[0]) != main_module.__dict__.get("__file__")):
+        os.execve(sys.executable, [sys.executable, *args], env)   # gone or another: python says so, as it would
     if stale(began):
         os.write(2, COLD_NOTE)
         os.execve(sys.executable, [sys.executable, *args], env)
@@ -80,7 +113,181 @@ def main(argv: list[str]) -> None:
         del sys.argv[0]             # ["-m", module, args…] → [module, args…]; run_module sets [0]
         runpy.run_module(module, run_name="__main__", alter_sys=True)
         return
+    assert main_module is not None
     run_script(main_module)
+
+
+class _Rank:
+    """What a rank's entry sent (``ftrain/rankentry.py``), in the forked process that runs it."""
+
+    def __init__(self, main: ModuleType, inherited: str | None, msg: dict, fds: list[int]) -> None:
+        self.main, self.inherited = main, inherited
+        self.argv, self.env, self.cwd = list(msg["argv"]), dict(msg["env"]), str(msg["cwd"])
+        self.fds = fds
+
+
+def serve_ranks(name: str, count: int, script: str, listed: list[str]) -> _Rank:
+    """The warm ranks server: listen on the abstract socket ``name``, import ahead, then
+    serve ``count`` rank entries, each in a process forked for it (``_fork_rank``); this
+    process sends each entry its rank's pid and, once it ended, its wait status. An entry
+    that goes away (torchrun killed it) takes its rank with it (SIGKILL to its group).
+    Returns in each forked rank; the server itself leaves once every rank it took ended."""
+    import selectors
+    import signal
+    import socket
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind("\0" + name)     # before the imports: an early entry waits in the backlog
+    listener.listen(count)
+    inherited = _take_oom_score()
+    sys.argv = [script]
+    main_module = _at_low_priority(lambda: _import_ahead(script, listed))
+    dispositions = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    sel = selectors.DefaultSelector()
+    sel.register(listener, selectors.EVENT_READ, None)
+    served: dict[int, tuple[socket.socket, int]] = {}   # rank pid -> (its entry's connection, pidfd)
+    taken = 0
+    while taken < count or served:
+        for key, _ in sel.select():
+            if key.data is None:
+                conn, _ = listener.accept()
+                got = _receive(conn) if _same_user(conn) else None
+                if got is None:
+                    conn.close()
+                    continue
+                taken += 1
+                if taken == count:  # no more: a late entry is refused and starts cold
+                    sel.unregister(listener)
+                    listener.close()
+                for sig in dispositions:   # the ranks' stop is theirs (relayed by the entries), not ours
+                    signal.signal(sig, signal.SIG_IGN)
+                pid = os.fork()
+                if pid == 0:
+                    sel.close()
+                    listener.close()
+                    for other, pidfd in served.values():
+                        other.close()
+                        os.close(pidfd)
+                    conn.close()
+                    for sig, how in dispositions.items():
+                        signal.signal(sig, how)
+                    return _fork_rank(_Rank(main_module, inherited, *got))
+                for fd in got[1]:
+                    os.close(fd)
+                pidfd = os.pidfd_open(pid)
+                served[pid] = (conn, pidfd)
+                sel.register(pidfd, selectors.EVENT_READ, ("ended", pid))
+                sel.register(conn, selectors.EVENT_READ, ("entry", pid))
+                _send(conn, f"pid {pid}\n")
+            elif key.data[0] == "ended":
+                pid = key.data[1]
+                conn, pidfd = served.pop(pid)
+                _, status = os.waitpid(pid, 0)
+                sel.unregister(pidfd)
+                os.close(pidfd)
+                _send(conn, f"status {status}\n")
+                if conn.fileno() >= 0:
+                    sel.unregister(conn)
+                    conn.close()
+            else:                   # the entry spoke (it never does) or went away
+                pid = key.data[1]
+                conn = served[pid][0]
+                try:
+                    gone = not conn.recv(64)
+                except OSError:
+                    gone = True
+                if gone:
+                    sel.unregister(conn)
+                    conn.close()
+                    try:
+                        os.killpg(pid, signal.SIGKILL)
+                    except OSError:
+                        pass
+    os._exit(0)
+
+
+def _at_low_priority(work: Callable[[], ModuleType]) -> ModuleType:
+    """``work()`` in a thread of the lowest CPU priority (nice 19: Linux's nice is per
+    thread), waited for: importing ahead takes seconds of CPU, which must not slow the
+    running attempt on a busy machine. The ranks are forked from this thread, whose
+    priority stays as inherited (an unprivileged process could not lower it again)."""
+    import threading
+
+    done: list[ModuleType] = []
+
+    def run() -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except OSError:
+            pass
+        done.append(work())
+
+    thread = threading.Thread(target=run, name="ftrain-import-ahead")
+    thread.start()
+    thread.join()
+    if not done:                    # it raised: no warm ranks; the script meets the error itself, cold
+        os._exit(0)
+    return done[0]
+
+
+def _fork_rank(rank: _Rank) -> _Rank:
+    """In the forked rank: a session of its own (stopped as a group, as torchrun stops a
+    worker), the entry's standard streams as ours."""
+    os.setsid()
+    for target, fd in enumerate(rank.fds[:3]):
+        os.dup2(fd, target)
+    for fd in rank.fds:
+        if fd > 2:
+            os.close(fd)
+    return rank
+
+
+def _same_user(conn: object) -> bool:
+    """The peer runs as we do (any local process may reach an abstract socket)."""
+    import socket
+    import struct
+
+    assert isinstance(conn, socket.socket)
+    try:
+        _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                          struct.calcsize("3i")))
+    except OSError:
+        return False
+    return uid == os.getuid()
+
+
+def _receive(conn: object) -> tuple[dict, list[int]] | None:
+    """An entry's message (length, JSON) and its three fds; None if it is not one."""
+    import json
+    import socket
+
+    assert isinstance(conn, socket.socket)
+    conn.settimeout(10.0)
+    fds: list[int] = []
+    try:
+        data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
+        while 4 <= len(data) < 4 + int.from_bytes(data[:4], "big"):
+            more = conn.recv(1 << 16)
+            if not more:
+                break
+            data += more
+        size = int.from_bytes(data[:4], "big")
+        if len(fds) != 3 or len(data) != 4 + size:
+            raise ValueError("short message")
+        msg = json.loads(data[4:])
+        conn.settimeout(None)
+        return msg, fds
+    except (OSError, ValueError):
+        for fd in fds:
+            os.close(fd)
+        return None
+
+
+def _send(conn: object, text: str) -> None:
+    try:
+        conn.sendall(text.encode())   # type: ignore[attr-defined]
+    except OSError:
+        pass                        # the entry is gone; its rank is being killed
 
 
 def _script_main(script: str) -> ModuleType:

@@ -455,7 +455,8 @@ class Supervisor:
         if launched.note:
             self._say(launched.note, "warn")
         self._event(Event.ATTEMPT_START, attempt=n, pid=child.pid, host=socket.gethostname(),
-                    command=list(command), warm=launched.warm,
+                    command=list(launched.command or command), warm=launched.warm,
+                    warm_ranks=launched.warm_ranks or None,
                     config_path=str(config_path), overrides=dict(self.state.overrides),
                     resume_from=self.state.resume_from, resume_step=self.state.resume_step,
                     skip_steps=[f"{a}-{b}" for a, b in self.state.skip] or None,
@@ -464,7 +465,8 @@ class Supervisor:
 
         oom_before = read_oom_kill_count()
         where = f"from {Path(self.state.resume_from).name}" if self.state.resume_from else "fresh"
-        self._say(f"attempt {n} started (pid {child.pid}, {where}{', warm' if launched.warm else ''})")
+        self._say(f"attempt {n} started (pid {child.pid}, {where}{', warm' if launched.warm else ''}"
+                  f"{f', {launched.warm_ranks} warm ranks' if launched.warm_ranks else ''})")
         self.detectors.start_attempt(time.monotonic(), attempt=n)
         self.topology.started(n, attempt_dir, child.pid)
         self.intake.begin()

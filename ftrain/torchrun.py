@@ -27,8 +27,8 @@ from ftrain.errors import UsageError
 from ftrain.files import read_bounded
 from ftrain.outcome import RankReport
 
-__all__ = ["DistSpec", "ErrorFile", "ReportedFailure", "parse_nnodes", "parse_report", "rank_folders", "rank_reports",
-           "read_error_file", "report_root", "torchrun_command"]
+__all__ = ["DistSpec", "ErrorFile", "ReportedFailure", "entry_command", "parse_nnodes", "parse_report",
+           "rank_folders", "rank_reports", "read_error_file", "report_root", "split_command", "torchrun_command"]
 
 LAST_CALL = 3.0            # seconds an elastic rendezvous waits for more nodes once MIN have joined
 MONITOR_INTERVAL = 0.1      # seconds between torchrun's looks at its ranks
@@ -224,6 +224,45 @@ def parse_nnodes(value: int | str) -> tuple[int, int]:
     if least > most:
         raise UsageError(f"--nnodes {text}: MIN is above MAX")
     return least, most
+
+
+# torchrun_command's own flags: those with a value, and those without
+_VALUED = frozenset({"--nproc-per-node", "--max-restarts", "--monitor-interval", "--log-dir", "--redirects", "--tee",
+                     "--nnodes", "--node-rank", "--rdzv-backend", "--rdzv-endpoint", "--rdzv-id", "--rdzv-conf"})
+_BARE = frozenset({"--standalone"})
+
+
+def split_command(command: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...], int] | None:
+    """A ``torchrun_command`` around a ``.py`` script, taken apart: (torchrun and its flags,
+    the script and its arguments, ranks per node); None for any other command (a
+    ``--no-python`` executable, a flag this module does not write)."""
+    if tuple(command[:3]) != (sys.executable, "-m", "torch.distributed.run"):
+        return None
+    i, nproc = 3, 1
+    while i < len(command) and command[i].startswith("--"):
+        if command[i] in _VALUED and i + 1 < len(command):
+            if command[i] == "--nproc-per-node":
+                if not command[i + 1].isdigit():
+                    return None
+                nproc = int(command[i + 1])
+            i += 2
+        elif command[i] in _BARE:
+            i += 1
+        else:
+            return None
+    if i >= len(command) or not command[i].endswith(".py"):
+        return None
+    return tuple(command[:i]), tuple(command[i:]), nproc
+
+
+def entry_command(command: Sequence[str], entry: str, name: str) -> tuple[str, ...]:
+    """``command`` (a ``split_command`` one) with each rank run as ``PYTHON ENTRY NAME SCRIPT
+    ARGS`` (``--no-python``): the entry hands the rank to the warm interpreter at ``name``."""
+    split = split_command(command)
+    if split is None:
+        raise ValueError(f"not a torchrun command around a script: {list(command)[:4]}")
+    head, script, _ = split
+    return (*head, "--no-python", sys.executable, entry, name, *script)
 
 
 # --------------------------------------------------------------------------- torchrun's report

@@ -36,21 +36,36 @@ value back when it becomes an attempt; a spare that died is replaced by a cold s
     attempt N running ──(first step seen)──► Spare(): python …/ftrain/spare.py fd script
                                                │ imports torch …, blocks on fd
     attempt N fails ─► decision restart ─► launch(): argv + env over fd ─► attempt N+1
+
+A torchrun job's *ranks* come back warm too (``WarmRanks``): one server, ``python
+…/ftrain/spare.py --ranks NAME N SCRIPT [MODULES_TXT]``, imports the script's modules ahead
+(what local rank 0 listed) and waits on the abstract Unix socket NAME. The next attempt's
+command is then torchrun as before, its ranks run ``--no-python PYTHON …/ftrain/rankentry.py
+NAME SCRIPT ARGS``: each entry hands its argv, environment and standard streams to the
+server, which forks the rank for it (pages shared copy-on-write: one interpreter's memory
+while they wait, not N). torchrun stays the launcher and the rendezvous; the entries relay
+its signals and exit as their ranks did, so its report, error files and per-rank logs are
+as for cold ranks. The server follows a spare's rules (``FTRAIN_SPARE`` mark, OOM killer's
+first pick, the same reasons for a cold start); once it serves an attempt, that attempt's
+child owns it (``Child.bind``): stopped and reaped with it, nothing of it survives.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from ftrain.process import Child, OutputSink, spare_mark
+from ftrain.torchrun import entry_command, split_command
 
 MAX_MESSAGE = 60_000  # the go message must fit the pipe's buffer: a write never blocks us
 
 # The spare's program, run by path: `python -m ftrain.spare` would import ftrain first.
 SPARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spare.py")
+RANK_ENTRY = os.path.join(os.path.dirname(SPARE), "rankentry.py")   # what torchrun runs per warm rank
 
 
 # Modules a spare may run as ``python -m``: importing them ahead has no effect but imports.
@@ -121,5 +136,46 @@ class Spare:
         if self._go >= 0:
             os.close(self._go)      # EOF: it leaves by itself once its imports are done
             self._go = -1
+        self.child.stop(0.0, cooperative=False)
+        self.child.finish()
+
+
+def fits_ranks(command: Sequence[str]) -> bool:
+    """Whether ``command`` is ftrain's torchrun around a ``.py`` script: ranks that can be warm."""
+    return split_command(command) is not None
+
+
+class WarmRanks:
+    """One server process waiting to become the ranks of the next torchrun attempt."""
+
+    def __init__(self, command: Sequence[str], env: Mapping[str, str], cwd: Path | None,
+                 modules: Path | None = None) -> None:
+        """``command``: the running attempt's torchrun command; ``modules``: what its local
+        rank 0 had imported by its first step."""
+        split = split_command(command)
+        if split is None:
+            raise ValueError("not a torchrun command around a script")
+        _, script, self.count = split
+        self.script = script[0]
+        self.env = _base(env)
+        self.name = f"ftrain-ranks-{os.getpid()}-{secrets.token_hex(8)}"
+        server_env = {**self.env, **spare_mark(env)}
+        if self.count > 1:          # what torchrun gives its workers when unset; read as torch loads
+            server_env.setdefault("OMP_NUM_THREADS", "1")
+        listed = [str(modules)] if modules is not None and modules.is_file() else []
+        self.child = Child([command[0], SPARE, "--ranks", self.name, str(self.count), self.script, *listed],
+                           env=server_env, cwd=cwd, log_path=None)
+
+    def usable_for(self, command: Sequence[str], env: Mapping[str, str]) -> bool:
+        split = split_command(command)
+        return (self.child.proc.poll() is None and split is not None and split[1][0] == self.script
+                and split[2] == self.count and _base(env) == self.env)
+
+    def command(self, command: Sequence[str]) -> tuple[str, ...]:
+        """The attempt's torchrun command with its ranks handed to this server."""
+        return entry_command(command, RANK_ENTRY, self.name)
+
+    def discard(self) -> None:
+        """Stand the server down (with any rank it forked) and make sure it is gone."""
         self.child.stop(0.0, cooperative=False)
         self.child.finish()

@@ -236,16 +236,54 @@ def _stamps(path: Path) -> list[tuple[str, float, str, str]]:
     return out
 
 
+def _server_rss(proc: subprocess.Popen) -> Callable[[], list[float]]:
+    """Sample, while ``proc`` runs, the RSS (MiB) of its warm ranks server while it waits
+    (``spare.py --ranks``, before it forked a rank); returns a function that stops and gives
+    the samples."""
+    import threading
+
+    samples: list[float] = []
+    done = threading.Event()
+
+    def loop() -> None:
+        while not done.is_set():
+            try:
+                for p in psutil.Process(proc.pid).children():
+                    if "--ranks" in p.cmdline()[2:3] and not p.children():
+                        samples.append(p.memory_info().rss / 2**20)
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+
+    def stop() -> list[float]:
+        done.set()
+        thread.join()
+        return samples
+    return stop
+
+
+# The step rank 1 dies at: some 5 s after the first, so that what ftrain readies for the next
+# attempt once the first step is seen (a warm agent, warm ranks: seconds of imports at low
+# priority) is ready, as it is for a job that fails minutes in.
+DIE_AT = 200
+
+
 def bench_ranks(tmp: Path, n: int) -> None:
-    """Two ranks (DDP, gloo on CPU) under ftrain; rank 1 dies by SIGSEGV at step 12 of attempt
+    """Two ranks (DDP, gloo on CPU) under ftrain; rank 1 dies by SIGSEGV at step DIE_AT of attempt
     1. Rank death → decision (journal) and rank death → the restarted job's first step, ftrain
-    warm (a warm torchrun agent) and cold, against a cold torchrun start → first step."""
+    warm (warm ranks and a warm torchrun agent) and cold, against a cold torchrun start →
+    first step; the waiting warm ranks server's memory, per rank."""
     torchrun = shutil.which("torchrun") or str(Path(PY).with_name("torchrun"))
     script = tmp / "ranks.py"
     script.write_text(RANKS_PY)
     env0 = {k: v for k, v in os.environ.items() if not k.startswith("FTRAIN_")}
     env0["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env0.get("PYTHONPATH", "")) if p)
     results: dict[str, dict[str, list[float]]] = {}
+    waiting_rss: list[float] = []
+    warm_ranks_runs = 0
     for warm in ("true", "false"):
         rows = results.setdefault(warm, {"decide": [], "first": []})
         for i in range(n):
@@ -253,15 +291,22 @@ def bench_ranks(tmp: Path, n: int) -> None:
             policy.write_text(RANKS_POLICY.format(warm=warm))
             stamps = tmp / f"s-{warm}-{i}"
             run = tmp / f"run-{warm}-{i}"
-            subprocess.run([PY, "-m", "ftrain", "run", str(script), "--nproc-per-node", "2", "--policy", str(policy),
-                            "--no-ui", "--run-dir", str(run)], cwd=tmp, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, env={**env0, "STAMPS": str(stamps), "DIE_AT": "12",
-                                                           "STEPS": "16"}, timeout=300)
+            proc = subprocess.Popen([PY, "-m", "ftrain", "run", str(script), "--nproc-per-node", "2", "--policy",
+                                     str(policy), "--no-ui", "--run-dir", str(run)], cwd=tmp,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    env={**env0, "STAMPS": str(stamps), "DIE_AT": str(DIE_AT),
+                                         "STEPS": str(DIE_AT + 4)})
+            sampled = _server_rss(proc)
+            proc.wait(timeout=300)
+            rss = sampled()
+            if rss:
+                waiting_rss.append(max(rss))
             st = _stamps(stamps)
             death = next((t for w, t, a, _ in st if w == "death"), None)
             first = min((t for w, t, a, _ in st if w == "first" and a == "2"), default=None)
-            decided = [json.loads(line)["t"] for line in (run / "journal.jsonl").read_text().splitlines()
-                       if '"decision"' in line]
+            journal = [json.loads(line) for line in (run / "journal.jsonl").read_text().splitlines()]
+            decided = [e["t"] for e in journal if e["event"] == "decision"]
+            warm_ranks_runs += any(e["event"] == "attempt_start" and e.get("warm_ranks") for e in journal)
             if death is None or first is None or not decided:
                 print(f"ranks: run {warm}/{i} did not restart as planned")
                 continue
@@ -282,8 +327,13 @@ def bench_ranks(tmp: Path, n: int) -> None:
     report("ranks_death_to_decision_s", med["true"]["decide"], "s", "",
            f"2 ranks, {n} runs each; cold (warm_start: false) {med['false']['decide']:.2f} s")
     report("ranks_death_to_first_step_warm_s", med["true"]["first"], "s", "<= 0.5x a cold torchrun start",
+           f"ftrain warm ranks ({warm_ranks_runs}/{n} runs on warm ranks; each: "
+           f"{', '.join(f'{x:.2f}' for x in results['true']['first'])}); "
            f"cold {med['false']['first']:.2f} s; a cold torchrun start to first step {t_cold:.2f} s; "
            f"warm/torchrun {med['true']['first'] / t_cold:.2f}x")
+    rss = statistics.median(waiting_rss) if waiting_rss else math.nan
+    report("ranks_warm_waiting_rss_per_rank_mib", rss / 2, "MiB", "",
+           f"one server for 2 ranks, {rss:.0f} MiB while it waits; the forked ranks share its pages")
     RESULTS["ranks_death_to_first_step_cold_s"] = med["false"]["first"]
     RESULTS["ranks_torchrun_cold_start_s"] = t_cold
 

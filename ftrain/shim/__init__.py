@@ -116,10 +116,10 @@ class ProcessState:
             self.faults = sorted(parse_inject(inject), key=lambda f: f.step)
             self.next_fault_step = self.faults[0].step if self.faults else math.inf
         # Where the first log() lists the modules start-up imported, for the next attempt's
-        # spare interpreter to import ahead (ftrain.warm). Not under torchrun: the spare there is
-        # torchrun's agent, which imports no script's modules.
+        # spare interpreter to import ahead (ftrain.warm); under torchrun local rank 0 lists
+        # them for the next attempt's warm ranks (each node its own, in its own run folder).
         self.modules_path: str | None = None
-        if self.run_dir is not None and self.attempt is not None and rank is None:
+        if self.run_dir is not None and self.attempt is not None and (rank is None or env.get("LOCAL_RANK") == "0"):
             self.modules_path = os.path.join(self.run_dir, "attempts", f"{self.attempt:04d}", "modules.txt")
         self.save_thread: threading.Thread | None = None
         self.last_snapshot: Any = None   # kept after its save: the next one copies into it
