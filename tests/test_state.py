@@ -294,3 +294,30 @@ def test_resume_keeps_the_faults_that_did_not_fire(tmp_path, write):
     starts = of(events(run), "attempt_start")
     assert starts[-2]["inject"] == "kill@300"  # the resumed attempt still has the one to come
     assert [f["kind"] for f in of(events(run), "failure")] == ["killed", "preempted", "killed"]
+
+
+def test_a_relative_run_folder_resumes_from_another_folder_with_the_policy_it_started_with(tmp_path, write):
+    """Paths typed relative at `run` time, resumed from elsewhere: the resume point, the
+    config and the policy are the run's own (absolute paths and the policy copy in the run
+    folder), not whatever the new working folder holds."""
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir()
+    there.mkdir()
+    (here / "p.yaml").write_text(POLICY)
+    (here / "c.yaml").write_text(config(120, 50, 0.02))
+    (there / "p.yaml").write_text("version: 1\nmax_restarts: 0\nrules: []\n")   # a different policy, same name
+    proc = subprocess.Popen(ftrain_cmd("run", JOB, "--policy", "p.yaml", "--config", "c.yaml",
+                                       "--run-dir", "runs/r1", "--no-ui"),
+                            cwd=here, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = here / "runs/r1"
+    wait_for_step(run, 20)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 143, err
+    stopped_at = of(events(run), "attempt_end")[-1]["last_step"]
+    p = run_ftrain("resume", "../here/runs/r1", "--no-ui", cwd=there, timeout=120)
+    assert p.returncode == 0, p.stderr
+    second = of(events(run), "attempt_start")[-1]
+    assert Path(second["resume_from"]).resolve() == (run / "checkpoints" / f"step-{stopped_at:08d}.pt").resolve()
+    assert steps_of(run, 2)[0] == stopped_at + 1 and events(run)[-1]["status"] == "succeeded"
+    assert (run / "policy.yaml").read_text() == POLICY   # the copy it resumed with
