@@ -20,7 +20,7 @@ from stat import S_ISREG
 from typing import Any
 
 from ftrain import ckptfmt, sharded
-from ftrain.files import read_bounded
+from ftrain.files import folder_bytes, read_bounded
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
 _DIGEST_CACHE_MAX = 4096
@@ -314,7 +314,7 @@ def _scan_quarantine(qdir: Path) -> list[Checkpoint]:
             manifest = Path(entries[folder_manifest + suffix].path) if folder_manifest + suffix in entries else None
             meta = _read_manifest(manifest)[0] if manifest is not None else {}
             found.append(Checkpoint(Path(entry.path), sharded.parse_folder(base), CheckpointStatus.QUARANTINED,
-                                    bytes=sharded.folder_bytes(entry.path), manifest=manifest,
+                                    bytes=folder_bytes(entry.path), manifest=manifest,
                                     **_meta_fields(meta, default_t=_size_and_mtime(entry)[1])))
             continue
         if own is not None or ckptfmt.TEMP_RE.match(base):
@@ -374,7 +374,7 @@ def _sharded(entry: os.DirEntry[str], manifest: Path, step: int | None, *, verif
     meta, problem = _read_manifest(manifest, folder=True)
     folder = Path(entry.path)
     if problem is not None:
-        return Checkpoint(folder, step, CheckpointStatus.CORRUPT, bytes=sharded.folder_bytes(folder),
+        return Checkpoint(folder, step, CheckpointStatus.CORRUPT, bytes=folder_bytes(folder),
                           manifest=manifest, note=problem, **_meta_fields(meta, default_t=None))
     found = sharded.check(folder, meta, step, verify=verify, digest=_digest)
     status = CheckpointStatus.CORRUPT if not found.ok else \

@@ -17,7 +17,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-__all__ = ["TooLarge", "end_torn_line", "fsync_dir", "read_bounded", "write_atomic", "write_json_atomic"]
+__all__ = ["TooLarge", "end_torn_line", "folder_bytes", "fsync_dir", "read_bounded", "write_atomic",
+           "write_json_atomic"]
 
 
 class TooLarge(OSError):
@@ -133,3 +134,19 @@ def read_bounded(path: str | os.PathLike[str], limit: int, *, inside: str | os.P
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def folder_bytes(folder: str | os.PathLike[str]) -> int:
+    """The bytes of the regular files directly in ``folder`` (symlinks and subfolders not followed)."""
+    total = 0
+    try:
+        with os.scandir(folder) as it:
+            for entry in it:
+                try:
+                    if entry.is_file(follow_symlinks=False):
+                        total += entry.stat(follow_symlinks=False).st_size
+                except OSError:
+                    pass
+    except OSError:
+        return 0
+    return total

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from ftrain import checkpoints, ckptfmt
 from ftrain.checkpoints import Checkpoint, CheckpointStatus
-from ftrain.files import fsync_dir
+from ftrain.files import folder_bytes, fsync_dir
 
 if TYPE_CHECKING:
     from ftrain.kinds import Failure
@@ -117,17 +117,7 @@ class MemoryTier:
 
     def usage(self) -> int:
         """Bytes the tier holds now (``inspect`` shows it)."""
-        total = 0
-        try:
-            with os.scandir(self.dir) as entries:
-                for entry in entries:
-                    try:
-                        total += entry.stat(follow_symlinks=False).st_size
-                    except OSError:
-                        pass
-        except OSError:
-            return 0
-        return total
+        return folder_bytes(self.dir)
 
     def newest(self, *, at_most: int | None = None, newer_than: int | None = None) -> Checkpoint | None:
         """The newest verified snapshot with ``newer_than < step <= at_most``."""

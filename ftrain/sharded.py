@@ -30,8 +30,9 @@ from stat import S_ISDIR, S_ISREG
 from typing import Any
 
 from ftrain import ckptfmt
+from ftrain.files import folder_bytes
 
-__all__ = ["FolderCheck", "check", "folder_bytes", "folder_name", "is_folder_manifest", "manifest_body",
+__all__ = ["FolderCheck", "check", "folder_name", "is_folder_manifest", "manifest_body",
            "parse_folder", "remove"]
 
 # At least the eight digits of ``folder_name``'s padding: another tool's ``step-5/`` stays foreign.
@@ -144,22 +145,6 @@ def _files_of(meta: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
     if METADATA not in names:
         return [], f"the manifest does not list {METADATA}"
     return files, None
-
-
-def folder_bytes(folder: str | os.PathLike[str]) -> int:
-    """The bytes of the regular files directly in ``folder`` (symlinks and subfolders not followed)."""
-    total = 0
-    try:
-        with os.scandir(folder) as it:
-            for entry in it:
-                try:
-                    if entry.is_file(follow_symlinks=False):
-                        total += entry.stat(follow_symlinks=False).st_size
-                except OSError:
-                    pass
-    except OSError:
-        return 0
-    return total
 
 
 def remove(folder: str | os.PathLike[str]) -> bool:

@@ -113,33 +113,48 @@ rules:
 """
 
 
-def test_losing_node_0_moves_the_decision_and_the_job_finishes_on_the_node_left(tmp_path: Path) -> None:
+def two_node_job(tmp_path: Path, steps: int) -> tuple[list[str], Path, PidWatch]:
+    """An elastic two-node job on loopback: the flags both ftrains share, its run folder, a
+    watch on every rank's pid."""
     policy, config = tmp_path / "policy.yaml", tmp_path / "config.yaml"
     policy.write_text(POLICY)
-    config.write_text("train: {steps: 40, batch_size: 16, ckpt_every: 5, sleep: 0.05}\n")
+    config.write_text(f"train: {{steps: {steps}, batch_size: 16, ckpt_every: 5, sleep: 0.05}}\n")
     run = tmp_path / "run"
-    port = free_port()
-    watch = PidWatch(run / "heartbeat", run / "nodes/node-1/heartbeat")
+    common = ["--nnodes", "1:2", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--policy", str(policy),
+              "--config", str(config), "--run-dir", str(run), "--no-ui"]
+    return common, run, PidWatch(run / "heartbeat", run / "nodes/node-1/heartbeat")
 
-    def node(k: int):
-        return start(tmp_path, "run", DIST, "--nnodes", "1:2", "--node-rank", str(k), "--rdzv-endpoint",
-                     f"127.0.0.1:{port}", "--policy", str(policy), "--config", str(config), "--run-dir", str(run),
-                     "--no-ui", env={"FTRAIN_NODE_TIMEOUT": "3", "DIST_GLOO_TIMEOUT": "30"}, name=f"node{k}")
 
-    node0, node1 = node(0), node(1)
+def start_node(tmp_path: Path, *args: str, name: str):
+    return start(tmp_path, *args, env={"FTRAIN_NODE_TIMEOUT": "3", "DIST_GLOO_TIMEOUT": "30"}, name=name)
+
+
+def wait_for_step(run: Path, n: int, timeout: float) -> None:
+    """Until the job's newest logged step is at least ``n``."""
     metrics = run / "metrics.jsonl"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         steps = [json.loads(line).get("step") for line in metrics.read_text().splitlines()
                  if '"loss"' in line] if metrics.exists() else []
-        if steps and max(steps) >= 8:
-            break
+        if steps and steps[-1] >= n:
+            return
         time.sleep(0.05)
-    else:
-        pytest.fail("the two nodes never reached step 8: " + (tmp_path / "node0.out").read_text()[-2000:])
-    for p in [psutil.Process(node0.pid)] + psutil.Process(node0.pid).children(recursive=True):
-        p.kill()   # the deciding machine, all at once: its ftrain, torchrun and ranks
-    node0.wait()
+    pytest.fail(f"the job never reached step {n}")
+
+
+def kill_node(proc) -> None:
+    """A whole machine at once: its ftrain, torchrun and ranks."""
+    for p in [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True):
+        p.kill()
+    proc.wait()
+
+
+def test_losing_node_0_moves_the_decision_and_the_job_finishes_on_the_node_left(tmp_path: Path) -> None:
+    common, run, watch = two_node_job(tmp_path, 40)
+    node0 = start_node(tmp_path, "run", DIST, "--node-rank", "0", *common, name="node0")
+    node1 = start_node(tmp_path, "run", DIST, "--node-rank", "1", *common, name="node1")
+    wait_for_step(run, 8, 120)
+    kill_node(node0)   # the deciding machine
     out = tmp_path / "node1.out"
     assert finish(node1, 240) == 0, out.read_text()[-4000:]
     mine = events(run / "nodes/node-1")
@@ -166,42 +181,17 @@ def test_node_0_resumed_after_losing_its_role_follows_the_new_deciding_node_and_
     and joins the group. Today it joins the attempt under way: torchrun's elastic agent on
     node 1 stops for the newcomer, which ftrain sees as a hang, and the next attempt runs
     on both nodes again (world 2). Joining at the attempt boundary instead is not done."""
-    policy, config = tmp_path / "policy.yaml", tmp_path / "config.yaml"
-    policy.write_text(POLICY)
-    config.write_text("train: {steps: 120, batch_size: 16, ckpt_every: 5, sleep: 0.05}\n")
-    run = tmp_path / "run"
-    port = free_port()
-    watch = PidWatch(run / "heartbeat", run / "nodes/node-1/heartbeat")
-
-    def node(k: int, *args: str, name: str):
-        return start(tmp_path, *args, env={"FTRAIN_NODE_TIMEOUT": "3", "DIST_GLOO_TIMEOUT": "30"}, name=name)
-
-    common = ["--nnodes", "1:2", "--rdzv-endpoint", f"127.0.0.1:{port}", "--policy", str(policy),
-              "--config", str(config), "--run-dir", str(run), "--no-ui"]
-    node0 = node(0, "run", DIST, "--node-rank", "0", *common, name="node0")
-    node1 = node(1, "run", DIST, "--node-rank", "1", *common, name="node1")
-    metrics = run / "metrics.jsonl"
-
-    def step_at_least(n: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            steps = [json.loads(line).get("step") for line in metrics.read_text().splitlines()
-                     if '"loss"' in line] if metrics.exists() else []
-            if steps and steps[-1] >= n:
-                return
-            time.sleep(0.05)
-        pytest.fail(f"no step {n}")
-
-    step_at_least(8, 120)
-    for p in [psutil.Process(node0.pid)] + psutil.Process(node0.pid).children(recursive=True):
-        p.kill()
-    node0.wait()
+    common, run, watch = two_node_job(tmp_path, 120)
+    node0 = start_node(tmp_path, "run", DIST, "--node-rank", "0", *common, name="node0")
+    node1 = start_node(tmp_path, "run", DIST, "--node-rank", "1", *common, name="node1")
+    wait_for_step(run, 8, 120)
+    kill_node(node0)
     deadline = time.monotonic() + 60
     while not (run / "coord/lead.json").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert (run / "coord/lead.json").exists(), (tmp_path / "node1.out").read_text()[-3000:]
-    step_at_least(30, 120)   # node 1 trains alone
-    back = node(0, "resume", str(run), "--no-ui", name="node0b")
+    wait_for_step(run, 30, 120)   # node 1 trains alone
+    back = start_node(tmp_path, "resume", str(run), "--no-ui", name="node0b")
     assert finish(node1, 240) == 0, (tmp_path / "node1.out").read_text()[-4000:]
     assert finish(back, 60) == 0, (tmp_path / "node0b.out").read_text()[-4000:]
     assert "waiting for node 1's decision" in (tmp_path / "node0b.out").read_text()   # it follows node 1
